@@ -1,0 +1,13 @@
+//! Shared vocabulary of atoll's processes.
+//!
+//! - [`addr`]: typed guest-physical, MMIO and port-I/O addresses.
+//! - [`fdpass`]: sending bytes plus file descriptors over UNIX sockets (`SCM_RIGHTS`).
+//! - [`channel`]: a typed, postcard-encoded message channel over a `SOCK_SEQPACKET` socket.
+//! - [`control`]: the launcher <-> core control messages (one closed enum per direction).
+//! - [`spawn`]: starting a child as a fresh `exec` with an explicit list of inherited fds.
+
+pub mod addr;
+pub mod channel;
+pub mod control;
+pub mod fdpass;
+pub mod spawn;
