@@ -1,0 +1,1 @@
+//! Platform devices the core emulates.
