@@ -1,10 +1,91 @@
 //! vmm-core: atoll's core process. It owns KVM, the vCPUs and the guest-RAM mapping, and
 //! emulates the platform (serial, RTC, ACPI power management, PCI host bridge).
+//!
+//! It opens no paths: the launcher starts it with one inherited descriptor, the control socket
+//! at `ipc::control::CORE_CONTROL_FD`, and sends everything else attached to `Start`.
 
 mod acpi;
+mod boot;
 mod bus;
+mod cpu;
 mod devices;
 mod exit;
 mod layout;
+mod memory;
+mod platform;
+mod vcpu;
+mod vm;
 
-fn main() {}
+use ipc::control::{CORE_CONTROL_FD, CoreChannel, CoreToLauncher, ExitReason, LauncherToCore};
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("ATOLL_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+    let _span = tracing::info_span!("vmm-core").entered();
+
+    if std::env::args().len() > 1 {
+        eprintln!(
+            "vmm-core is started by `atoll run`; it takes no arguments and reads its \
+             configuration from the control socket on fd {CORE_CONTROL_FD}"
+        );
+        return ExitCode::from(2);
+    }
+    // The launcher must have placed the control socket at CORE_CONTROL_FD.
+    if nix::fcntl::fcntl(
+        // SAFETY: only queries the flags of a descriptor number; no ownership is taken.
+        unsafe { std::os::fd::BorrowedFd::borrow_raw(CORE_CONTROL_FD) },
+        nix::fcntl::FcntlArg::F_GETFD,
+    )
+    .is_err()
+    {
+        eprintln!("vmm-core: no control socket on fd {CORE_CONTROL_FD}; start it with `atoll run`");
+        return ExitCode::from(2);
+    }
+    // SAFETY: fd CORE_CONTROL_FD is open (checked above) and was placed there for us by the
+    // launcher (ipc::spawn); nothing else in this process owns it.
+    let chan = CoreChannel::from_fd(unsafe { OwnedFd::from_raw_fd(CORE_CONTROL_FD) });
+
+    let reason = match chan.recv() {
+        Ok((LauncherToCore::Start(cfg), fds)) => {
+            match vm::StartFds::parse(&cfg, fds).and_then(|fds| vm::run(&cfg, fds, &chan)) {
+                Ok(reason) => reason,
+                Err(e) => ExitReason::Internal(error_chain(&e)),
+            }
+        }
+        Ok((other, _)) => ExitReason::Internal(format!("expected Start, got {other:?}")),
+        Err(e) => ExitReason::Internal(format!(
+            "cannot read the Start message: {}",
+            error_chain(&e)
+        )),
+    };
+    if let ExitReason::Internal(msg) = &reason {
+        tracing::error!("{msg}");
+    }
+    if let Err(e) = chan.send(&CoreToLauncher::Exited(reason.clone()), &[]) {
+        tracing::error!("cannot report the VM's end to the launcher: {e}");
+    }
+    match reason {
+        ExitReason::Internal(_) => ExitCode::FAILURE,
+        _ => ExitCode::SUCCESS,
+    }
+}
+
+/// "outer: inner: innermost" for an error and its sources.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(inner) = src {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        src = inner.source();
+    }
+    s
+}
