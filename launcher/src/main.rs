@@ -1,1 +1,154 @@
-fn main() {}
+//! `atoll`: the launcher. It validates the configuration, opens every file, starts `vmm-core`
+//! and the device processes as fresh `exec`s with explicit descriptor lists, connects the
+//! console to the terminal and exits with a code that tells how the VM ended.
+
+#![forbid(unsafe_code)]
+
+mod cli;
+mod config;
+mod console;
+mod supervisor;
+mod vm;
+
+use clap::Parser;
+use clap::error::ErrorKind;
+use cli::{Cli, Command};
+use ipc::control::exit_code;
+use std::process::ExitCode;
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::fmt::format::Writer;
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
+use tracing_subscriber::registry::LookupSpan;
+
+/// The label in front of every line atoll writes to stderr.
+const LABEL: &str = "atoll";
+
+fn main() -> ExitCode {
+    init_logging();
+    let code = match Cli::try_parse() {
+        Ok(cli) => match cli.command {
+            Command::Run(args) => run(&args),
+        },
+        Err(e) => match e.kind() {
+            ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => {
+                let _ = e.print();
+                exit_code::POWER_OFF
+            }
+            ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+                let _ = e.print();
+                exit_code::USAGE
+            }
+            _ => {
+                eprintln!("{LABEL}: {}", one_line(&e.render().to_string()));
+                exit_code::USAGE
+            }
+        },
+    };
+    ExitCode::from(u8::try_from(code).unwrap_or(1))
+}
+
+/// `atoll run`: returns the process exit code.
+fn run(args: &cli::RunArgs) -> i32 {
+    let config =
+        match config::Host::detect().and_then(|host| config::RunConfig::from_args(args, &host)) {
+            Ok(config) => config,
+            Err(e) => {
+                eprintln!("{LABEL}: error: {e}");
+                return exit_code::USAGE;
+            }
+        };
+    tracing::debug!(?config, "configuration");
+    match vm::run(config) {
+        Ok(outcome) => {
+            if let Some(summary) = outcome.summary {
+                eprintln!("{LABEL}: {summary}");
+            }
+            outcome.code
+        }
+        Err(e) => {
+            eprintln!("{LABEL}: error: {}", error_chain(&e));
+            exit_code::INTERNAL
+        }
+    }
+}
+
+/// Joins an error and its sources into one line.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut line = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        line.push_str(": ");
+        line.push_str(&s.to_string());
+        source = s.source();
+    }
+    line
+}
+
+/// Clap's messages, up to the first blank line, as one line ("error: unexpected argument
+/// '--foo' found", "error: the following required arguments were not provided: --kernel <PATH>").
+fn one_line(rendered: &str) -> String {
+    let first_paragraph = rendered.split("\n\n").next().unwrap_or_default();
+    let mut line = first_paragraph
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ");
+    line.push_str(" (see atoll --help)");
+    line
+}
+
+/// Logs go to stderr, filtered by `ATOLL_LOG` (default `warn`), each line labelled `atoll:`.
+fn init_logging() {
+    let filter = EnvFilter::try_from_env("ATOLL_LOG").unwrap_or_else(|_| EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .event_format(Labelled(tracing_subscriber::fmt::format()))
+        .init();
+}
+
+/// Puts the process label in front of another formatter's lines.
+struct Labelled<F>(F);
+
+impl<S, N, F> FormatEvent<S, N> for Labelled<F>
+where
+    S: tracing::Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+    F: FormatEvent<S, N>,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        write!(writer, "{LABEL}: ")?;
+        self.0.format_event(ctx, writer, event)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clap_errors_become_one_line() {
+        let e = Cli::try_parse_from(["atoll", "run", "--kernel", "k", "--bogus"]).unwrap_err();
+        let line = one_line(&e.render().to_string());
+        assert!(
+            line.starts_with("error: unexpected argument '--bogus'"),
+            "{line}"
+        );
+        assert!(!line.contains('\n'));
+        let e = Cli::try_parse_from(["atoll", "run"]).unwrap_err();
+        let line = one_line(&e.render().to_string());
+        assert!(line.contains("--kernel <PATH>"), "{line}");
+    }
+
+    #[test]
+    fn cli_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}
