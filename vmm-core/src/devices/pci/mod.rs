@@ -1,0 +1,70 @@
+//! The PCI host side: bus 0 with a host bridge ([`PciRoot`]), type-0 configuration spaces
+//! ([`PciConfiguration`]), the device interface ([`PciDevice`]) and configuration mechanism #1
+//! on ports 0xcf8..0xcff ([`PciConfigIo`]).
+//!
+//! Wiring (done by the core):
+//! ```text
+//! let root = Arc::new(Mutex::new(PciRoot::new(mmio_bus.clone(), pio_bus.clone())));
+//! let slot = root.lock().unwrap().add_device(virtio_dev)?;   // BARs placed and mapped
+//! pio_bus.insert(Arc::new(Mutex::new(PciConfigIo::new(root, exit))), 0xcf8, 8)?;
+//! ```
+
+#![forbid(unsafe_code)]
+
+mod config_io;
+mod configuration;
+mod device;
+mod root;
+
+pub use config_io::{ConfigAddress, PciConfigIo};
+pub use configuration::{
+    BAR0_REG, BarInfo, BarKind, CAPABILITY_POINTER_REG, CLASS_REG, COMMAND_BUS_MASTER,
+    COMMAND_INTX_DISABLE, COMMAND_IO, COMMAND_MEMORY, COMMAND_PARITY, COMMAND_REG, COMMAND_SERR,
+    HEADER_REG, ID_REG, INTERRUPT_REG, NUM_BARS, NUM_CONFIG_REGS, PciConfiguration, PciHeader,
+    ROM_REG, STATUS_CAPABILITIES, SUBSYSTEM_REG,
+};
+pub use device::PciDevice;
+pub use root::{
+    AddressAllocator, HOST_BRIDGE_DEVICE_ID, HOST_BRIDGE_VENDOR_ID, NUM_SLOTS, PCI_IO_END,
+    PCI_IO_START, PciRoot,
+};
+
+use crate::bus::BusError;
+
+/// Errors of PCI device setup.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PciError {
+    #[error("BAR index {0} does not exist in a type-0 header (BARs 0..=5, a 64-bit BAR takes two)")]
+    BadBarIndex(usize),
+    #[error("BAR {0} is already registered")]
+    BarInUse(usize),
+    #[error("BAR {index} size {size:#x} is not a power of two in {min:#x}..={max:#x}")]
+    BadBarSize {
+        index: usize,
+        size: u64,
+        min: u64,
+        max: u64,
+    },
+    #[error("BAR {index} address {addr:#x} is not aligned to its size {size:#x} or out of range")]
+    BadBarAddress { index: usize, addr: u64, size: u64 },
+    #[error("capability of {0} bytes is too short (id and next pointer are required)")]
+    CapabilityTooShort(usize),
+    #[error("writable mask of {mask} bytes does not match the capability's {cap} bytes")]
+    MaskLength { cap: usize, mask: usize },
+    #[error("capability of {len} bytes at {offset:#x} does not fit in config space")]
+    CapabilityTooLarge { offset: usize, len: usize },
+    #[error("all PCI slots on bus 0 are in use")]
+    NoFreeSlot,
+    #[error("no room for BAR {index} ({size:#x} bytes) in the {window} window")]
+    OutOfSpace {
+        index: usize,
+        size: u64,
+        window: &'static str,
+    },
+    #[error("cannot map BAR {index} at {addr:#x}")]
+    Map {
+        index: usize,
+        addr: u64,
+        source: BusError,
+    },
+}
