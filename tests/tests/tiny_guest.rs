@@ -12,9 +12,9 @@ use std::time::Duration;
 const LOAD_ADDR: u64 = 0x10_0000;
 
 fn bin(name: &str) -> PathBuf {
-    let dir = std::env::var_os("ATOLL_BIN_DIR").map(PathBuf::from).unwrap_or_else(|| {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release")
-    });
+    let dir = std::env::var_os("ATOLL_BIN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release"));
     let p = dir.join(name);
     assert!(
         p.exists(),
@@ -115,9 +115,18 @@ fn describe(out: &Output) -> String {
 #[test]
 fn console_output_then_acpi_poweroff_exits_0() {
     // SLP_TYP = 5 (the DSDT's _S5_) in bits 2..4, SLP_EN = bit 5.
-    let out = run_tiny("poweroff", &program("hello from L2\n", &out(0x600, (5 << 2) | (1 << 5))), &[]);
+    let out = run_tiny(
+        "poweroff",
+        &program("hello from L2\n", &out(0x600, (5 << 2) | (1 << 5))),
+        &[],
+    );
     assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "hello from L2\n", "{}", describe(&out));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "hello from L2\n",
+        "{}",
+        describe(&out)
+    );
 }
 
 #[test]
@@ -131,7 +140,11 @@ fn triple_fault_exits_with_the_crash_code() {
     // ud2 with an empty IDT: #UD -> #DF -> triple fault.
     let out = run_tiny("triple", &program("t", &[0x0f, 0x0b]), &[]);
     assert_eq!(out.status.code(), Some(4), "{}", describe(&out));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("triple"), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("triple"),
+        "{}",
+        describe(&out)
+    );
 }
 
 #[test]
@@ -143,11 +156,20 @@ fn unknown_ports_are_logged_once_and_not_fatal() {
     assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(err.matches("read at 0x99").count(), 1, "{}", describe(&out));
-    assert_eq!(err.matches("write at 0x99").count(), 1, "{}", describe(&out));
+    assert_eq!(
+        err.matches("write at 0x99").count(),
+        1,
+        "{}",
+        describe(&out)
+    );
 }
 
 #[test]
 fn two_vcpus_start_and_poweroff_still_works() {
-    let out = run_tiny("smp", &program("s", &out(0x600, (5 << 2) | (1 << 5))), &["--cpus", "2"]);
+    let out = run_tiny(
+        "smp",
+        &program("s", &out(0x600, (5 << 2) | (1 << 5))),
+        &["--cpus", "2"],
+    );
     assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
 }
