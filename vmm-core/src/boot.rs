@@ -10,7 +10,7 @@ use linux_loader::loader::{
 };
 use std::fs::File;
 use std::io::{Seek, SeekFrom};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 /// e820 entry types.
 const E820_RAM: u32 = 1;
@@ -216,7 +216,11 @@ fn fill_e820(params: &mut boot_params, ram_bytes: u64) {
         entries.push((start, end - start, E820_RAM));
     }
     for (i, (addr, size, type_)) in entries.iter().copied().enumerate() {
-        params.e820_table[i] = boot_e820_entry { addr, size, type_ };
+        params.e820_table[i] = boot_e820_entry {
+            addr,
+            size,
+            r#type: type_,
+        };
     }
     params.e820_entries = u8::try_from(entries.len()).expect("a handful of entries");
 }
@@ -286,7 +290,7 @@ mod tests {
         fill_e820(&mut p, 4 << 30);
         let e: Vec<_> = p.e820_table[..usize::from(p.e820_entries)]
             .iter()
-            .map(|e| (e.addr, e.size, e.type_))
+            .map(|e| (e.addr, e.size, e.r#type))
             .collect();
         assert_eq!(
             e,

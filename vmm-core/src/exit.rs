@@ -3,6 +3,7 @@
 //! main thread, which stops every vCPU.
 
 use ipc::control::ExitReason;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::Mutex;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
@@ -14,7 +15,10 @@ pub struct ExitSignal {
 
 impl ExitSignal {
     pub fn new() -> std::io::Result<Self> {
-        Ok(Self { reason: Mutex::new(None), event: EventFd::new(EFD_NONBLOCK)? })
+        Ok(Self {
+            reason: Mutex::new(None),
+            event: EventFd::new(EFD_NONBLOCK)?,
+        })
     }
 
     /// Records `reason` unless another was recorded first, and wakes the waiter.
@@ -42,6 +46,12 @@ impl ExitSignal {
     pub fn event(&self) -> &EventFd {
         &self.event
     }
+
+    /// The event's descriptor, for polling.
+    pub fn as_fd(&self) -> BorrowedFd<'_> {
+        // SAFETY: the descriptor belongs to `self.event`, which outlives the returned borrow.
+        unsafe { BorrowedFd::borrow_raw(self.event.as_raw_fd()) }
+    }
 }
 
 #[cfg(test)]
@@ -52,7 +62,10 @@ mod tests {
     fn first_reason_wins_and_wakes() {
         let s = ExitSignal::new().unwrap();
         assert!(!s.is_set());
-        assert!(s.event().read().is_err(), "nothing to read before a request");
+        assert!(
+            s.event().read().is_err(),
+            "nothing to read before a request"
+        );
         s.request(ExitReason::PowerOff);
         s.request(ExitReason::Reboot);
         assert_eq!(s.reason(), Some(ExitReason::PowerOff));

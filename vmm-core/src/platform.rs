@@ -2,7 +2,9 @@
 //! the buses and their interrupts onto KVM.
 
 use crate::bus::{Bus, BusDevice, BusError};
+use crate::devices::power::{I8042_LEN, PVPANIC_LEN};
 use crate::devices::serial::{self, SerialConsole};
+use crate::devices::{AcpiSleep, I8042, PVPANIC, PciConfigIo, PciRoot, PvPanic, Rtc};
 use crate::exit::ExitSignal;
 use crate::layout::{irq, ports};
 use kvm_ioctls::VmFd;
@@ -41,15 +43,28 @@ impl BusDevice for Sink {
 /// The platform devices, kept alive for the VM's lifetime.
 pub struct Platform {
     _serial: Arc<Mutex<SerialConsole<UnixStream>>>,
+    /// The PCI host bridge; PCI devices are added here.
+    pub pci: Arc<Mutex<PciRoot>>,
+}
+
+fn place(
+    bus: &Bus,
+    what: &'static str,
+    dev: Arc<dyn crate::bus::BusDeviceSync>,
+    base: u16,
+    len: u16,
+) -> Result<(), PlatformError> {
+    bus.insert(dev, u64::from(base), u64::from(len))
+        .map_err(|e| PlatformError::Bus(what, e))
 }
 
 impl Platform {
     /// Creates the platform devices and maps them.
     pub fn attach(
         vm: &VmFd,
-        pio: &Bus,
-        _mmio: &Arc<Bus>,
-        _exit: &Arc<ExitSignal>,
+        pio: &Arc<Bus>,
+        mmio: &Arc<Bus>,
+        exit: &Arc<ExitSignal>,
         console: UnixStream,
     ) -> Result<Self, PlatformError> {
         let irq_evt = EventFd::new(0).map_err(|e| PlatformError::EventFd("serial", e))?;
@@ -61,16 +76,51 @@ impl Platform {
             })?;
         let out = console.try_clone().map_err(PlatformError::Console)?;
         let serial = Arc::new(Mutex::new(SerialConsole::new(irq_evt, out)));
-        pio.insert(
+        place(
+            pio,
+            "serial port",
             serial.clone(),
-            u64::from(ports::COM1),
-            u64::from(ports::COM1_LEN),
-        )
-        .map_err(|e| PlatformError::Bus("serial port", e))?;
+            ports::COM1,
+            ports::COM1_LEN,
+        )?;
         serial::spawn_input_thread(Arc::clone(&serial), console).map_err(PlatformError::Console)?;
 
-        pio.insert(Arc::new(Mutex::new(Sink)), u64::from(ports::POST), 1)
-            .map_err(|e| PlatformError::Bus("POST port", e))?;
-        Ok(Self { _serial: serial })
+        place(pio, "POST port", Arc::new(Mutex::new(Sink)), ports::POST, 1)?;
+        place(
+            pio,
+            "RTC",
+            Arc::new(Mutex::new(Rtc::new())),
+            ports::RTC,
+            ports::RTC_LEN,
+        )?;
+        let sleep = Arc::new(Mutex::new(AcpiSleep::new(Arc::clone(exit))));
+        place(
+            pio,
+            "ACPI sleep registers",
+            sleep,
+            ports::ACPI_SLEEP_CONTROL,
+            ports::ACPI_SLEEP_LEN,
+        )?;
+        let i8042 = Arc::new(Mutex::new(I8042::new(Arc::clone(exit))));
+        place(pio, "i8042", i8042, ports::I8042_DATA, I8042_LEN)?;
+        let pvpanic = Arc::new(Mutex::new(PvPanic::new(Arc::clone(exit))));
+        place(pio, "pvpanic", pvpanic, PVPANIC, PVPANIC_LEN)?;
+
+        let pci = Arc::new(Mutex::new(PciRoot::new(Arc::clone(mmio), Arc::clone(pio))));
+        let config_io = Arc::new(Mutex::new(PciConfigIo::new(
+            Arc::clone(&pci),
+            Arc::clone(exit),
+        )));
+        place(
+            pio,
+            "PCI config ports",
+            config_io,
+            ports::PCI_CONFIG_ADDRESS,
+            ports::PCI_CONFIG_LEN,
+        )?;
+        Ok(Self {
+            _serial: serial,
+            pci,
+        })
     }
 }

@@ -208,7 +208,7 @@ pub fn run(cfg: &VmConfig, mut fds: StartFds, chan: &CoreChannel) -> Result<Exit
 fn wait_for_exit(exit: &ExitSignal, chan: &CoreChannel) {
     let mut chan_open = true;
     while !exit.is_set() {
-        let mut fds = vec![PollFd::new(exit.event().as_fd(), PollFlags::POLLIN)];
+        let mut fds = vec![PollFd::new(exit.as_fd(), PollFlags::POLLIN)];
         if chan_open {
             fds.push(PollFd::new(chan.as_fd(), PollFlags::POLLIN));
         }
