@@ -15,16 +15,17 @@ use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
 /// address space must not make the log, or this set, grow without bound).
 const MAX_LOGGED_UNHANDLED: usize = 4096;
 
-/// Remembers which unhandled addresses were logged, so each is logged once.
+/// Remembers which unhandled addresses were logged, so each is logged once for reads and
+/// once for writes.
 #[derive(Default)]
 pub struct UnhandledLog {
-    seen: Mutex<HashSet<(bool, u64)>>,
+    seen: Mutex<HashSet<(bool, bool, u64)>>,
 }
 
 impl UnhandledLog {
     fn note(&self, pio: bool, addr: u64, write: Option<&[u8]>, len: usize) {
         let mut seen = self.seen.lock().expect("unhandled log lock poisoned");
-        if seen.len() > MAX_LOGGED_UNHANDLED || !seen.insert((pio, addr)) {
+        if seen.len() > MAX_LOGGED_UNHANDLED || !seen.insert((pio, write.is_some(), addr)) {
             return;
         }
         let space = if pio { "port" } else { "MMIO" };
