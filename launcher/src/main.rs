@@ -14,6 +14,7 @@ use clap::Parser;
 use clap::error::ErrorKind;
 use cli::{Cli, Command};
 use ipc::control::exit_code;
+use std::io::IsTerminal;
 use std::process::ExitCode;
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::fmt::format::Writer;
@@ -104,6 +105,7 @@ fn init_logging() {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .event_format(Labelled(tracing_subscriber::fmt::format()))
         .init();
 }

@@ -5,7 +5,7 @@
 
 use crate::config::RunConfig;
 use crate::console::{ConsoleError, ConsolePumps, RawTerminal};
-use crate::supervisor::{DEV_BLK, Exited, Supervisor, SupervisorError, VMM_CORE};
+use crate::supervisor::{DEV_BLK, Supervisor, SupervisorError, VMM_CORE};
 use ipc::channel::ChannelError;
 use ipc::control::{
     CoreToLauncher, DiskConfig, ExitReason, LauncherChannel, LauncherToCore, VmConfig, exit_code,
@@ -25,6 +25,10 @@ use std::time::{Duration, Instant};
 const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long the core has to exit after it reported the end of the VM.
 const EXIT_TIMEOUT: Duration = Duration::from_secs(2);
+/// A stop request repeated within this time of the first is the same request delivered twice
+/// (`timeout` and process-group kills signal both the process and its group), not an
+/// insistence to kill at once.
+const REPEAT_GRACE: Duration = Duration::from_secs(1);
 /// How long the guest's last console output has to reach stdout.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -244,12 +248,13 @@ fn wait_for_end(
     supervisor: &mut Supervisor,
     core_pid: u32,
 ) -> Outcome {
-    let mut stop_deadline: Option<Instant> = None;
+    // When the user asked to stop; the core then has STOP_TIMEOUT to confirm.
+    let mut stop_requested: Option<Instant> = None;
     loop {
-        let event = match stop_deadline {
+        let event = match stop_requested {
             None => events.recv().map_err(|_| RecvTimeoutError::Disconnected),
-            Some(deadline) => {
-                events.recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            Some(at) => {
+                events.recv_timeout((at + STOP_TIMEOUT).saturating_duration_since(Instant::now()))
             }
         };
         let event = match event {
@@ -287,7 +292,7 @@ fn wait_for_end(
                     supervisor.kill_core()
                 });
                 let status = status.map_or_else(|| "unknown status".to_owned(), |s| s.to_string());
-                return if stop_deadline.is_some() {
+                return if stop_requested.is_some() {
                     Outcome::stopped(format!(
                         "the VM was stopped (vmm-core exited without confirming: {status})"
                     ))
@@ -298,16 +303,15 @@ fn wait_for_end(
                 };
             }
             Event::Signal(SIGCHLD) => {
-                for exited in supervisor.reap() {
-                    // The core's end is reported through the control channel (its message may
-                    // still be in flight); device deaths were logged by the supervisor.
-                    if let Exited::Core(status) = exited {
-                        tracing::debug!(%status, "vmm-core exited");
-                    }
-                }
+                // Device deaths are logged by the supervisor. The core's end is reported
+                // through the control channel (its last message may still be in flight).
+                supervisor.reap();
             }
             Event::Signal(_) | Event::ConsoleQuit => {
-                if stop_deadline.is_some() {
+                if let Some(first) = stop_requested {
+                    if first.elapsed() < REPEAT_GRACE {
+                        continue;
+                    }
                     let status = supervisor.kill_core();
                     return Outcome::stopped(format!(
                         "stopped again; vmm-core was killed{}",
@@ -315,10 +319,10 @@ fn wait_for_end(
                     ));
                 }
                 tracing::info!("stopping the VM");
+                stop_requested = Some(Instant::now());
                 if let Err(e) = control.send(&LauncherToCore::Shutdown, &[]) {
                     tracing::debug!("cannot send Shutdown: {e}");
                 }
-                stop_deadline = Some(Instant::now() + STOP_TIMEOUT);
             }
         }
     }
