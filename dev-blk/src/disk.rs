@@ -468,3 +468,7 @@ impl Disk for ImageQueue {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "disk_tests.rs"]
+mod tests;

@@ -549,3 +549,7 @@ pub fn copy_to_guest(
 pub fn stream_len(segs: &[Segment]) -> u64 {
     segs.iter().map(|s| u64::from(s.len)).sum()
 }
+
+#[cfg(test)]
+#[path = "request_tests.rs"]
+pub(crate) mod tests;
