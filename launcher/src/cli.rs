@@ -78,16 +78,17 @@ pub struct RunArgs {
     #[arg(long, value_name = "SIZE", default_value = "512M")]
     pub memory: String,
 
-    /// Add a virtio-blk disk served by its own dev-blk process; repeat for more disks (the
-    /// guest sees them as vda, vdb, ... in order).
+    /// Add a virtio-blk disk served by its own dev-blk process; repeatable.
     ///
-    /// Keys: path=IMG (required; a raw image file or block device; it cannot contain a comma),
-    /// readonly=on|off (open the image read-only and show the guest a read-only disk),
-    /// direct=on|off (open the image with O_DIRECT, bypassing the host page cache),
-    /// queues=N (request queues offered to the guest, 1 to 64, default 1),
-    /// serial=ID (the disk's serial number, up to 20 ASCII characters).
+    /// The guest sees the disks as vda, vdb, ... in the order given. Keys:
+    ///   path=IMG         raw image file or block device (required; cannot contain a comma)
+    ///   readonly=on|off  open the image read-only; the guest sees a read-only disk
+    ///   direct=on|off    open the image with O_DIRECT, bypassing the host page cache
+    ///   queues=N         request queues offered to the guest, 1 to 64 (default 1)
+    ///   serial=ID        the disk's serial number, 1 to 20 printable ASCII characters
     #[arg(
         long,
+        verbatim_doc_comment,
         value_name = "path=IMG[,readonly=on][,direct=on][,queues=N][,serial=ID]"
     )]
     pub disk: Vec<String>,

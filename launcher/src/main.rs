@@ -85,8 +85,8 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     line
 }
 
-/// Clap's messages, up to the first blank line, as one line ("error: unexpected argument
-/// '--foo' found", "error: the following required arguments were not provided: --kernel <PATH>").
+/// Clap's messages, up to the first blank line, as one line (`error: unexpected argument
+/// '--foo' found`, `error: the following required arguments were not provided: --kernel <PATH>`).
 fn one_line(rendered: &str) -> String {
     let first_paragraph = rendered.split("\n\n").next().unwrap_or_default();
     let mut line = first_paragraph

@@ -127,11 +127,7 @@ pub fn create_guest_ram(bytes: u64) -> Result<memfd::Memfd, VmError> {
 /// Runs the VM described by `config` until it ends.
 pub fn run(config: RunConfig) -> Result<Outcome, VmError> {
     let core_bin = VMM_CORE.locate()?;
-    let dev_blk_bin = if config.disks.is_empty() {
-        None
-    } else {
-        Some(DEV_BLK.locate()?)
-    };
+    let dev_blk_bin = DEV_BLK.locate()?;
     tracing::info!(
         kernel = %config.kernel_path.display(),
         kind = ?config.kernel_kind,
@@ -169,10 +165,7 @@ pub fn run(config: RunConfig) -> Result<Outcome, VmError> {
             id: disk.id.clone(),
             queues: disk.spec.queues,
         });
-        let program = dev_blk_bin
-            .as_deref()
-            .expect("located when there are disks");
-        disk_streams.push(supervisor.start_disk(disk, program)?);
+        disk_streams.push(supervisor.start_disk(disk, &dev_blk_bin)?);
     }
     let core_pid = supervisor.start_core(&core_bin, control_core)?;
 
