@@ -71,28 +71,42 @@ fn round_trip(q: &mut ImageQueue, img: &TempImage) {
     q.read(&mem, 512, &segs).unwrap();
     let file = img.contents();
     let mut got = vec![0u8; 1536];
-    mem.read_slice(&mut got[..512], GuestAddress(0x1000)).unwrap();
-    mem.read_slice(&mut got[512..1512], GuestAddress(0x3000)).unwrap();
-    mem.read_slice(&mut got[1512..], GuestAddress(0x5000)).unwrap();
+    mem.read_slice(&mut got[..512], GuestAddress(0x1000))
+        .unwrap();
+    mem.read_slice(&mut got[512..1512], GuestAddress(0x3000))
+        .unwrap();
+    mem.read_slice(&mut got[1512..], GuestAddress(0x5000))
+        .unwrap();
     assert_eq!(got, file[512..2048]);
 
     // Write 2560 bytes at 3584 (not 4 KiB aligned at either end) from two pieces.
     let data = pattern(2560, 7);
-    mem.write_slice(&data[..1000], GuestAddress(0x10000)).unwrap();
-    mem.write_slice(&data[1000..], GuestAddress(0x20000)).unwrap();
+    mem.write_slice(&data[..1000], GuestAddress(0x10000))
+        .unwrap();
+    mem.write_slice(&data[1000..], GuestAddress(0x20000))
+        .unwrap();
     q.write(&mem, 3584, &[seg(0x10000, 1000), seg(0x20000, 1560)])
         .unwrap();
     let after = img.contents();
     assert_eq!(after[3584..6144], data[..]);
-    assert_eq!(after[..3584], file[..3584], "bytes before the write are untouched");
-    assert_eq!(after[6144..], file[6144..], "bytes after the write are untouched");
+    assert_eq!(
+        after[..3584],
+        file[..3584],
+        "bytes before the write are untouched"
+    );
+    assert_eq!(
+        after[6144..],
+        file[6144..],
+        "bytes after the write are untouched"
+    );
 
     // A large transfer spanning several bounce-buffer chunks.
     let big = pattern(3 << 20, 3);
     mem.write_slice(&big, GuestAddress(0x10_0000)).unwrap();
     q.write(&mem, 1 << 20, &[seg(0x10_0000, 3 << 20)]).unwrap();
     assert_eq!(img.contents()[1 << 20..4 << 20], big[..]);
-    mem.write_slice(&vec![0u8; 3 << 20], GuestAddress(0x10_0000)).unwrap();
+    mem.write_slice(&vec![0u8; 3 << 20], GuestAddress(0x10_0000))
+        .unwrap();
     q.read(&mem, 1 << 20, &[seg(0x10_0000, 3 << 20)]).unwrap();
     let mut back = vec![0u8; 3 << 20];
     mem.read_slice(&mut back, GuestAddress(0x10_0000)).unwrap();
@@ -154,7 +168,10 @@ fn direct_with_4k_alignment_read_modify_writes_edges() {
 fn readonly_descriptor_refuses_writes() {
     let img = TempImage::new(1 << 20);
     let image = Arc::new(RawImage::new(img.open(false, false), false).unwrap());
-    assert!(image.readonly(), "an O_RDONLY descriptor makes the disk read-only");
+    assert!(
+        image.readonly(),
+        "an O_RDONLY descriptor makes the disk read-only"
+    );
     let mut q = ImageQueue::new(image);
     let mem = ram();
     let before = img.contents();

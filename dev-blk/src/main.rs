@@ -6,6 +6,7 @@
 //!   dev-blk --socket PATH --image PATH [--readonly] [--direct] [--queues Q] [--serial ID]
 
 use std::fs::{File, OpenOptions};
+use std::io::IsTerminal;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::UnixListener;
@@ -140,6 +141,7 @@ fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let cli = Cli::parse();
 

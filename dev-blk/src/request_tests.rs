@@ -1,6 +1,8 @@
 //! Unit tests of request parsing, validation and execution, on virtio-queue's mock rings.
 
-use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use virtio_bindings::bindings::virtio_ring::{
+    VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
+};
 use virtio_queue::desc::RawDescriptor;
 use virtio_queue::desc::split::Descriptor as SplitDescriptor;
 use virtio_queue::mock::MockSplitQueue;
@@ -16,7 +18,10 @@ pub(crate) const DATA: u64 = 0x20000;
 pub(crate) const STATUS: u64 = 0xf000;
 pub(crate) const CAPACITY: u64 = 64; // sectors
 
-pub(crate) const W: u16 = VRING_DESC_F_WRITE as u16;
+/// `VRING_DESC_F_WRITE`, `VRING_DESC_F_NEXT`, `VRING_DESC_F_INDIRECT` as descriptor flags.
+pub(crate) const W: u16 = 2;
+pub(crate) const NEXT: u16 = 1;
+pub(crate) const INDIRECT: u16 = 4;
 pub(crate) const R: u16 = 0;
 
 pub(crate) fn ram() -> GuestRam {
@@ -59,7 +64,10 @@ impl FakeDisk {
     fn range(&self, offset: u64, len: u64) -> std::ops::Range<usize> {
         let start = usize::try_from(offset).unwrap();
         let end = start + usize::try_from(len).unwrap();
-        assert!(end <= self.data.len(), "access past the end: {start}..{end}");
+        assert!(
+            end <= self.data.len(),
+            "access past the end: {start}..{end}"
+        );
         start..end
     }
 }
@@ -148,7 +156,8 @@ fn read_into_two_segments() {
     assert_eq!(status(&mem), OK);
     let mut got = vec![0u8; 1024];
     mem.read_slice(&mut got[..512], GuestAddress(DATA)).unwrap();
-    mem.read_slice(&mut got[512..], GuestAddress(DATA + 0x1000)).unwrap();
+    mem.read_slice(&mut got[512..], GuestAddress(DATA + 0x1000))
+        .unwrap();
     assert_eq!(got, disk.data[1024..2048]);
 }
 
@@ -158,7 +167,9 @@ fn write_with_split_header_and_shared_status_descriptor() {
     let mut disk = FakeDisk::new();
     header(&mem, HDR, VIRTIO_BLK_T_OUT, 3);
     // The header is cut in two descriptors, and the second also carries the data start.
-    let payload: Vec<u8> = (0..1024u32).map(|i| u8::try_from(i % 7).unwrap() + 100).collect();
+    let payload: Vec<u8> = (0..1024u32)
+        .map(|i| u8::try_from(i % 7).unwrap() + 100)
+        .collect();
     let mut stream = vec![0u8; 8];
     mem.read_slice(&mut stream, GuestAddress(HDR + 8)).unwrap();
     mem.write_slice(&stream, GuestAddress(DATA)).unwrap();
@@ -196,10 +207,20 @@ fn flush_and_readonly_flush() {
     let mem = ram();
     let mut disk = FakeDisk::new();
     header(&mem, HDR, VIRTIO_BLK_T_FLUSH, 0);
-    let out = run(&mem, &[desc(HDR, 16, R), desc(STATUS, 1, W)], &mut disk, false);
+    let out = run(
+        &mem,
+        &[desc(HDR, 16, R), desc(STATUS, 1, W)],
+        &mut disk,
+        false,
+    );
     assert!(out.error.is_none());
     assert_eq!((disk.flushes, status(&mem)), (1, OK));
-    let out = run(&mem, &[desc(HDR, 16, R), desc(STATUS, 1, W)], &mut disk, true);
+    let out = run(
+        &mem,
+        &[desc(HDR, 16, R), desc(STATUS, 1, W)],
+        &mut disk,
+        true,
+    );
     assert!(out.error.is_none());
     assert_eq!((disk.flushes, status(&mem)), (1, OK));
 }
@@ -313,7 +334,12 @@ fn discard_validation_is_all_or_nothing() {
     assert_eq!(status(&mem), UNSUPP, "{:?}", out.error);
 
     // No segment, a partial segment, too many segments, a too-large segment: IOERR.
-    for (len, sectors) in [(0u32, 1u32), (24, 1), (16 * 33, 1), (16, MAX_DISCARD_SECTORS + 1)] {
+    for (len, sectors) in [
+        (0u32, 1u32),
+        (24, 1),
+        (16 * 33, 1),
+        (16, MAX_DISCARD_SECTORS + 1),
+    ] {
         discard_segment(&mem, DATA, 0, sectors, 0);
         let mut descs = vec![desc(HDR, 16, R)];
         if len > 0 {
@@ -331,7 +357,11 @@ fn readonly_refuses_every_write() {
     let mem = ram();
     let mut disk = FakeDisk::new();
     let before = disk.data.clone();
-    for kind in [VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES] {
+    for kind in [
+        VIRTIO_BLK_T_OUT,
+        VIRTIO_BLK_T_DISCARD,
+        VIRTIO_BLK_T_WRITE_ZEROES,
+    ] {
         header(&mem, HDR, kind, 0);
         discard_segment(&mem, DATA, 0, 1, 0);
         let out = run(
@@ -398,14 +428,21 @@ fn unaligned_and_oversized_lengths() {
         &mut disk,
         false,
     );
-    assert!(matches!(out.error, Some(RequestError::UnalignedLength(100))));
+    assert!(matches!(
+        out.error,
+        Some(RequestError::UnalignedLength(100))
+    ));
     assert_eq!(status(&mem), IOERR);
     // Five 15 MiB descriptors over the same memory: 75 MiB > MAX_REQUEST_BYTES.
     let mut descs = vec![desc(HDR, 16, R)];
     descs.extend((0..5).map(|_| desc(0x10_0000, 15 << 20, W)));
     descs.push(desc(STATUS, 1, W));
     let out = run(&mem, &descs, &mut disk, false);
-    assert!(matches!(out.error, Some(RequestError::TooLarge(_))), "{:?}", out.error);
+    assert!(
+        matches!(out.error, Some(RequestError::TooLarge(_))),
+        "{:?}",
+        out.error
+    );
     assert_eq!(status(&mem), IOERR);
     assert_eq!(disk.calls, 0);
 }
@@ -416,7 +453,12 @@ fn chains_without_a_usable_status_byte_complete_with_length_zero() {
     let mut disk = FakeDisk::new();
     header(&mem, HDR, VIRTIO_BLK_T_IN, 0);
     // Only readable descriptors.
-    let out = run(&mem, &[desc(HDR, 16, R), desc(DATA, 512, R)], &mut disk, false);
+    let out = run(
+        &mem,
+        &[desc(HDR, 16, R), desc(DATA, 512, R)],
+        &mut disk,
+        false,
+    );
     assert!(matches!(out.error, Some(RequestError::NoStatus)));
     assert_eq!((out.used_len, out.status), (0, None));
     // Status descriptor read-only after a writable data descriptor.
@@ -427,7 +469,10 @@ fn chains_without_a_usable_status_byte_complete_with_length_zero() {
         false,
     );
     assert_eq!((out.used_len, out.status), (0, None));
-    assert!(matches!(out.error, Some(RequestError::ReadableAfterWritable)));
+    assert!(matches!(
+        out.error,
+        Some(RequestError::ReadableAfterWritable)
+    ));
     // Status descriptor outside guest memory.
     let out = run(
         &mem,
@@ -455,29 +500,54 @@ fn structural_faults_with_a_status_byte_report_ioerr() {
     // Readable after writable, but the chain still ends with a writable status.
     let out = run(
         &mem,
-        &[desc(HDR, 16, R), desc(DATA, 512, W), desc(DATA, 512, R), desc(STATUS, 1, W)],
+        &[
+            desc(HDR, 16, R),
+            desc(DATA, 512, W),
+            desc(DATA, 512, R),
+            desc(STATUS, 1, W),
+        ],
         &mut disk,
         false,
     );
-    assert!(matches!(out.error, Some(RequestError::ReadableAfterWritable)));
+    assert!(matches!(
+        out.error,
+        Some(RequestError::ReadableAfterWritable)
+    ));
     assert_eq!(status(&mem), IOERR);
     // Data outside guest memory.
     let out = run(
         &mem,
-        &[desc(HDR, 16, R), desc(MEM_SIZE - 256, 512, R), desc(STATUS, 1, W)],
+        &[
+            desc(HDR, 16, R),
+            desc(MEM_SIZE - 256, 512, R),
+            desc(STATUS, 1, W),
+        ],
         &mut disk,
         false,
     );
-    assert!(matches!(out.error, Some(RequestError::OutsideMemory { .. })));
+    assert!(matches!(
+        out.error,
+        Some(RequestError::OutsideMemory { .. })
+    ));
     assert_eq!(status(&mem), IOERR);
     // Header too short.
-    let out = run(&mem, &[desc(HDR, 8, R), desc(STATUS, 1, W)], &mut disk, false);
+    let out = run(
+        &mem,
+        &[desc(HDR, 8, R), desc(STATUS, 1, W)],
+        &mut disk,
+        false,
+    );
     assert!(matches!(out.error, Some(RequestError::ShortHeader(8))));
     assert_eq!(status(&mem), IOERR);
     // Unknown types.
     for kind in [10u32, 0xff, VIRTIO_BLK_T_SECURE_ERASE_FOR_TEST] {
         header(&mem, HDR, kind, 0);
-        let out = run(&mem, &[desc(HDR, 16, R), desc(STATUS, 1, W)], &mut disk, false);
+        let out = run(
+            &mem,
+            &[desc(HDR, 16, R), desc(STATUS, 1, W)],
+            &mut disk,
+            false,
+        );
         assert!(matches!(out.error, Some(RequestError::Unsupported(k)) if k == kind));
         assert_eq!(status(&mem), UNSUPP);
     }
@@ -487,12 +557,21 @@ fn structural_faults_with_a_status_byte_report_ioerr() {
 const VIRTIO_BLK_T_SECURE_ERASE_FOR_TEST: u32 = 14;
 
 /// Writes raw descriptors at table indices and makes `head` available.
-fn raw_chain(mem: &GuestRam, q: &MockSplitQueue<'_, GuestRam>, descs: &[(u16, RawDescriptor)], head: u16) {
+fn raw_chain(
+    mem: &GuestRam,
+    q: &MockSplitQueue<'_, GuestRam>,
+    descs: &[(u16, RawDescriptor)],
+    head: u16,
+) {
     for &(i, d) in descs {
         q.desc_table().store(i, d).unwrap();
     }
     let idx = q.avail().idx().load();
-    q.avail().ring().ref_at(usize::from(idx % 16)).unwrap().store(head);
+    q.avail()
+        .ring()
+        .ref_at(usize::from(idx % 16))
+        .unwrap()
+        .store(head);
     q.avail().idx().store(idx.wrapping_add(1));
     let _ = mem;
 }
@@ -507,14 +586,17 @@ fn broken_and_looping_chains() {
     let mut disk = FakeDisk::new();
     header(&mem, HDR, VIRTIO_BLK_T_IN, 0);
     let q = MockSplitQueue::new(&mem, 16);
-    let next = VRING_DESC_F_NEXT as u16;
+    let next = NEXT;
     // next index out of the table.
     raw_chain(&mem, &q, &[(0, linked(HDR, 16, R | next, 100))], 0);
     // a loop 1 -> 2 -> 1.
     raw_chain(
         &mem,
         &q,
-        &[(1, linked(HDR, 16, R | next, 2)), (2, linked(STATUS, 1, W | next, 1))],
+        &[
+            (1, linked(HDR, 16, R | next, 2)),
+            (2, linked(STATUS, 1, W | next, 1)),
+        ],
         1,
     );
     // head index out of the table.
@@ -524,7 +606,11 @@ fn broken_and_looping_chains() {
     for _ in 0..3 {
         let chain = queue.pop_descriptor_chain(&mem).unwrap();
         let out = h.handle(&mem, chain, &mut disk);
-        assert!(matches!(out.error, Some(RequestError::BrokenChain)), "{:?}", out.error);
+        assert!(
+            matches!(out.error, Some(RequestError::BrokenChain)),
+            "{:?}",
+            out.error
+        );
         assert_eq!((out.used_len, out.status), (0, None));
     }
     assert!(queue.iter(&mem).unwrap().next().is_none());
@@ -537,7 +623,7 @@ fn indirect_chain_and_descriptor_limit() {
     let mut disk = FakeDisk::new();
     header(&mem, HDR, VIRTIO_BLK_T_IN, 1);
     let q = MockSplitQueue::new(&mem, 16);
-    let next = VRING_DESC_F_NEXT as u16;
+    let next = NEXT;
     let table = 0x8000u64;
     let entries = [
         linked(HDR, 16, R | next, 1),
@@ -545,14 +631,10 @@ fn indirect_chain_and_descriptor_limit() {
         linked(STATUS, 1, W, 0),
     ];
     for (i, e) in entries.iter().enumerate() {
-        mem.write_obj(*e, GuestAddress(table + 16 * u64::try_from(i).unwrap())).unwrap();
+        mem.write_obj(*e, GuestAddress(table + 16 * u64::try_from(i).unwrap()))
+            .unwrap();
     }
-    raw_chain(
-        &mem,
-        &q,
-        &[(0, linked(table, 48, VRING_DESC_F_INDIRECT as u16, 0))],
-        0,
-    );
+    raw_chain(&mem, &q, &[(0, linked(table, 48, INDIRECT, 0))], 0);
     let mut queue: Queue = q.create_queue().unwrap();
     let mut h = RequestHandler::new(geometry(false));
     let chain = queue.pop_descriptor_chain(&mem).unwrap();
@@ -570,7 +652,10 @@ fn indirect_chain_and_descriptor_limit() {
     let q2 = MockSplitQueue::new(&mem, 32);
     let chain = q2.build_desc_chain(&descs).unwrap();
     let out = h.handle(&mem, chain, &mut disk);
-    assert!(matches!(out.error, Some(RequestError::TooManyDescriptors(16))));
+    assert!(matches!(
+        out.error,
+        Some(RequestError::TooManyDescriptors(16))
+    ));
     assert_eq!(out.used_len, 0);
 }
 
@@ -579,7 +664,12 @@ fn zero_length_transfer_is_a_no_op_success() {
     let mem = ram();
     let mut disk = FakeDisk::new();
     header(&mem, HDR, VIRTIO_BLK_T_IN, CAPACITY);
-    let out = run(&mem, &[desc(HDR, 16, R), desc(STATUS, 1, W)], &mut disk, false);
+    let out = run(
+        &mem,
+        &[desc(HDR, 16, R), desc(STATUS, 1, W)],
+        &mut disk,
+        false,
+    );
     assert!(out.error.is_none(), "{:?}", out.error);
     assert_eq!(out.used_len, 1);
 }
@@ -588,18 +678,36 @@ fn zero_length_transfer_is_a_no_op_success() {
 fn sub_stream_and_copies_cross_segments() {
     let mem = ram();
     let segs = [
-        Segment { addr: GuestAddress(0x1000), len: 3 },
-        Segment { addr: GuestAddress(0x2000), len: 5 },
-        Segment { addr: GuestAddress(0x3000), len: 4 },
+        Segment {
+            addr: GuestAddress(0x1000),
+            len: 3,
+        },
+        Segment {
+            addr: GuestAddress(0x2000),
+            len: 5,
+        },
+        Segment {
+            addr: GuestAddress(0x3000),
+            len: 4,
+        },
     ];
     let mut out = Vec::new();
     sub_stream(&segs, 2, 7, &mut out);
     assert_eq!(
         out,
         vec![
-            Segment { addr: GuestAddress(0x1002), len: 1 },
-            Segment { addr: GuestAddress(0x2000), len: 5 },
-            Segment { addr: GuestAddress(0x3000), len: 1 },
+            Segment {
+                addr: GuestAddress(0x1002),
+                len: 1
+            },
+            Segment {
+                addr: GuestAddress(0x2000),
+                len: 5
+            },
+            Segment {
+                addr: GuestAddress(0x3000),
+                len: 1
+            },
         ]
     );
     copy_to_guest(&mem, &segs, 1, &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]).unwrap();
@@ -607,4 +715,11 @@ fn sub_stream_and_copies_cross_segments() {
     copy_from_guest(&mem, &segs, 1, &mut back).unwrap();
     assert_eq!(back, [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]);
     assert!(copy_from_guest(&mem, &segs, 2, &mut [0u8; 11]).is_err());
+}
+
+#[test]
+fn flag_constants_match_the_bindings() {
+    assert_eq!(u32::from(W), VRING_DESC_F_WRITE);
+    assert_eq!(u32::from(NEXT), VRING_DESC_F_NEXT);
+    assert_eq!(u32::from(INDIRECT), VRING_DESC_F_INDIRECT);
 }

@@ -201,12 +201,12 @@ mod tests {
     use std::sync::atomic::{Ordering, fence};
 
     use virtio_bindings::bindings::virtio_blk::{VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
-    use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_USED_F_NO_NOTIFY};
+    use virtio_bindings::bindings::virtio_ring::VRING_USED_F_NO_NOTIFY;
     use virtio_queue::mock::MockSplitQueue;
     use vm_memory::{Address, Bytes, GuestAddress};
 
     use super::*;
-    use crate::request::tests::{FakeDisk, R, W, geometry, header, linked, ram};
+    use crate::request::tests::{FakeDisk, NEXT, R, W, geometry, header, linked, ram};
 
     const QSIZE: u16 = 16;
 
@@ -215,10 +215,14 @@ mod tests {
         let mem = q.desc_table();
         let base = 0x10_0000 + u64::from(first) * 0x1000;
         let data_flags = if kind == VIRTIO_BLK_T_IN { W } else { R };
-        let next = VRING_DESC_F_NEXT as u16;
-        mem.store(first, linked(base, 16, R | next, first + 1)).unwrap();
-        mem.store(first + 1, linked(base + 0x100, 512, data_flags | next, first + 2))
+        let next = NEXT;
+        mem.store(first, linked(base, 16, R | next, first + 1))
             .unwrap();
+        mem.store(
+            first + 1,
+            linked(base + 0x100, 512, data_flags | next, first + 2),
+        )
+        .unwrap();
         mem.store(first + 2, linked(base + 0x800, 1, W, 0)).unwrap();
         let idx = q.avail().idx().load();
         q.avail()
@@ -230,13 +234,24 @@ mod tests {
         q.avail().idx().store(idx.wrapping_add(1));
     }
 
-    fn header_of(q: &MockSplitQueue<'_, GuestRam>, mem: &GuestRam, first: u16, kind: u32, sector: u64) {
+    fn header_of(
+        q: &MockSplitQueue<'_, GuestRam>,
+        mem: &GuestRam,
+        first: u16,
+        kind: u32,
+        sector: u64,
+    ) {
         let _ = q;
         header(mem, 0x10_0000 + u64::from(first) * 0x1000, kind, sector);
     }
 
     fn used(q: &MockSplitQueue<'_, GuestRam>, i: u16) -> (u32, u32) {
-        let e = q.used().ring().ref_at(usize::from(i % QSIZE)).unwrap().load();
+        let e = q
+            .used()
+            .ring()
+            .ref_at(usize::from(i % QSIZE))
+            .unwrap()
+            .load();
         (e.id(), e.len())
     }
 
@@ -300,9 +315,16 @@ mod tests {
         header_of(&q, &mem, 3, VIRTIO_BLK_T_IN, 1);
         add_request(&q, 0, VIRTIO_BLK_T_IN);
         add_request(&q, 3, VIRTIO_BLK_T_IN);
-        assert!(w.process(&mut queue, &mem).unwrap(), "used 0 -> 2 crosses used_event 0");
+        assert!(
+            w.process(&mut queue, &mem).unwrap(),
+            "used 0 -> 2 crosses used_event 0"
+        );
         assert_eq!(used_idx(&mem), 2);
-        assert_eq!(mem.read_obj::<u16>(avail_event).unwrap(), 2, "avail_event = next_avail");
+        assert_eq!(
+            mem.read_obj::<u16>(avail_event).unwrap(),
+            2,
+            "avail_event = next_avail"
+        );
 
         // The driver asks to be told only once used reaches 10.
         mem.write_obj(9u16, used_event).unwrap();
@@ -338,11 +360,21 @@ mod tests {
         #[derive(Debug)]
         struct Probe(FakeDisk, GuestAddress, Vec<u16>);
         impl Disk for Probe {
-            fn read(&mut self, m: &GuestRam, o: u64, s: &[crate::request::Segment]) -> std::io::Result<()> {
+            fn read(
+                &mut self,
+                m: &GuestRam,
+                o: u64,
+                s: &[crate::request::Segment],
+            ) -> std::io::Result<()> {
                 self.2.push(m.read_obj(self.1).unwrap());
                 self.0.read(m, o, s)
             }
-            fn write(&mut self, m: &GuestRam, o: u64, s: &[crate::request::Segment]) -> std::io::Result<()> {
+            fn write(
+                &mut self,
+                m: &GuestRam,
+                o: u64,
+                s: &[crate::request::Segment],
+            ) -> std::io::Result<()> {
                 self.0.write(m, o, s)
             }
             fn flush(&mut self) -> std::io::Result<()> {
@@ -366,7 +398,10 @@ mod tests {
             Probe(FakeDisk::new(), q.used_addr(), Vec::new()),
         );
         assert!(w.process(&mut queue, &mem).unwrap());
-        assert_eq!(w.disk().2, vec![VRING_USED_F_NO_NOTIFY as u16]);
+        assert_eq!(
+            w.disk().2,
+            vec![u16::try_from(VRING_USED_F_NO_NOTIFY).unwrap()]
+        );
         assert_eq!(mem.read_obj::<u16>(q.used_addr()).unwrap(), 0);
     }
 
