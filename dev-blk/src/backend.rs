@@ -2,6 +2,7 @@
 //! answers, one worker thread per queue, and the per-kick call into [`QueueWorker::process`].
 
 use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::{Arc, Mutex};
 
 use tracing::{debug, warn};
@@ -145,14 +146,20 @@ impl VhostUserBackend for BlkBackend {
         // One write guard for the whole batch; `vring.add_used()` would take the lock again
         // and deadlock, so the worker works on the queue through this guard only.
         let mut state = vring.get_mut();
-        match worker.process(state.get_queue_mut(), &mem) {
-            Ok(true) => {
-                if let Err(e) = state.signal_used_queue() {
-                    warn!(queue = thread_id, "cannot signal the used queue: {e}");
-                }
+        // The call eventfd is owned by the vring state, which cannot drop or replace it while
+        // we hold its write guard (SET_VRING_CALL needs the same lock).
+        let call_fd = state.get_call().as_ref().map(AsRawFd::as_raw_fd);
+        let queue = state.get_queue_mut();
+        let mut notify = || {
+            let Some(fd) = call_fd else { return };
+            // SAFETY: `fd` stays open for the whole batch: see above.
+            let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+            if let Err(e) = nix::unistd::write(fd, &1u64.to_ne_bytes()) {
+                warn!(queue = thread_id, "cannot signal the used queue: {e}");
             }
-            Ok(false) => {}
-            Err(e) => warn!("{e}"),
+        };
+        if let Err(e) = worker.process(queue, &mem, &mut notify) {
+            warn!("{e}");
         }
         Ok(())
     }
