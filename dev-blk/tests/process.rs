@@ -652,6 +652,93 @@ fn inherited_descriptors_reconnect_and_readonly_fd() {
     assert!(backend.alive());
 }
 
+/// The launcher's restart path: dev-blk is killed with requests the guest posted but that were
+/// never completed; a new incarnation inherits the same listener and image, the frontend
+/// replays the setup with `SET_VRING_BASE(used.idx)`, and every posted request completes.
+#[test]
+fn restart_after_a_crash_resumes_from_the_used_index() {
+    let dir = TempDir::new("restart");
+    let image = dir.path("disk.img");
+    let original = make_image(&image, IMAGE_SIZE);
+    let sock = dir.path("blk.sock");
+    let listener = UnixListener::bind(&sock).unwrap();
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&image)
+        .unwrap();
+    let mut first = spawn_inherited(&sock, &listener, &file, &["--queues", "2"]);
+    let mut dev = Device::connect(
+        &sock,
+        Options {
+            queues: 2,
+            event_idx: true,
+            ..Options::default()
+        },
+    )
+    .unwrap();
+    for i in 0..10u64 {
+        let (st, _, _) = dev
+            .request(
+                usize::try_from(i % 2).unwrap(),
+                T_OUT,
+                i * 8,
+                Some(&pattern(4096, u8::try_from(i).unwrap())),
+                0,
+            )
+            .unwrap();
+        assert_eq!(st, S_OK);
+    }
+    first.signal(Signal::SIGKILL);
+    first.wait_exit(Duration::from_secs(5)).expect("killed");
+
+    // The guest keeps posting (and kicking: the eventfds count) while no backend exists.
+    let mem = dev.mem.clone();
+    let mut posted = Vec::new();
+    for (q, sector) in [(0usize, 200u64), (1, 300), (0, 400)] {
+        let data = pattern(4096, u8::try_from(sector % 251).unwrap());
+        let hdr = dev.header(T_OUT, sector);
+        let buf = dev.alloc(4096, 0);
+        dev.write_bytes(buf, &data);
+        let status = dev.alloc(1, 0xff);
+        let head = dev.queues[q]
+            .push(
+                &mem,
+                &[Buf::r(hdr, 16), Buf::r(buf, 4096), Buf::w(status, 1)],
+            )
+            .unwrap();
+        dev.queues[q].notify_always(&mem);
+        posted.push((q, head, status, sector, data));
+    }
+
+    let mut second = spawn_inherited(&sock, &listener, &file, &["--queues", "2"]);
+    dev.resume(&sock).unwrap();
+    for q in 0..2usize {
+        let want = posted.iter().filter(|p| p.0 == q).count();
+        let mut got = Vec::new();
+        while got.len() < want {
+            let c = dev.queues[q].collect(&mem, Duration::from_secs(5));
+            assert!(
+                !c.is_empty(),
+                "queue {q}: posted requests not completed after restart"
+            );
+            got.extend(c);
+        }
+        let heads: Vec<u16> = posted.iter().filter(|p| p.0 == q).map(|p| p.1).collect();
+        assert_eq!(got.iter().map(|g| g.0).collect::<Vec<_>>(), heads);
+    }
+    let img = std::fs::read(&image).unwrap();
+    for (_, _, status, sector, data) in &posted {
+        assert_eq!(dev.byte(*status), S_OK);
+        assert_eq!(img[sector_range(*sector, 4096)], data[..]);
+    }
+    assert_eq!(
+        img[sector_range(1000, 4096)],
+        original[sector_range(1000, 4096)]
+    );
+    assert!(second.alive());
+}
+
 fn spawn_inherited(sock: &Path, listener: &UnixListener, image: &File, extra: &[&str]) -> Backend {
     let mut cmd = Command::new(BIN);
     cmd.args(["--socket-fd", "3", "--image-fd", "4"])

@@ -464,6 +464,64 @@ impl Device {
         })
     }
 
+    /// Reconnects after the backend went away, as vmm-core does after a backend crash: the
+    /// same guest RAM, rings, eventfds and features; every ring resumes from the guest's
+    /// `used.idx` (the backend completes in order), then every queue is kicked.
+    pub fn resume(&mut self, path: &Path) -> anyhow::Result<()> {
+        let stream = connect_stream(path, Duration::from_secs(10))?;
+        let mut fe = Frontend::from_stream(stream, u64::try_from(self.queues.len())?);
+        fe.set_owner().context("SET_OWNER")?;
+        let offered = fe.get_features().context("GET_FEATURES")?;
+        ensure!(
+            offered & self.features == self.features,
+            "feature set shrank"
+        );
+        fe.get_protocol_features()
+            .context("GET_PROTOCOL_FEATURES")?;
+        fe.set_protocol_features(self.protocol_features)
+            .context("SET_PROTOCOL_FEATURES")?;
+        if self
+            .protocol_features
+            .contains(VhostUserProtocolFeatures::REPLY_ACK)
+        {
+            fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+        }
+        fe.set_features(self.features).context("SET_FEATURES")?;
+        let regions = self
+            .mem
+            .iter()
+            .map(VhostUserMemoryRegionInfo::from_guest_region)
+            .collect::<Result<Vec<_>, _>>()?;
+        fe.set_mem_table(&regions).context("SET_MEM_TABLE")?;
+        for q in &self.queues {
+            let hva = |a: GuestAddress| -> anyhow::Result<u64> {
+                Ok(self.mem.get_host_address(a).context("ring address")? as u64)
+            };
+            fe.set_vring_num(q.index, q.size)?;
+            fe.set_vring_addr(
+                q.index,
+                &VringConfigData {
+                    queue_max_size: q.size,
+                    queue_size: q.size,
+                    flags: 0,
+                    desc_table_addr: hva(q.desc)?,
+                    used_ring_addr: hva(q.used)?,
+                    avail_ring_addr: hva(q.avail)?,
+                    log_addr: None,
+                },
+            )?;
+            fe.set_vring_base(q.index, q.used_idx(&self.mem))?;
+            fe.set_vring_call(q.index, &q.call)?;
+            fe.set_vring_kick(q.index, &q.kick)?;
+            fe.set_vring_enable(q.index, true)?;
+        }
+        for q in &self.queues {
+            q.kick.write(1)?;
+        }
+        self.fe = fe;
+        Ok(())
+    }
+
     /// Capacity in sectors, from the config space.
     pub fn capacity(&self) -> u64 {
         u64::from_le_bytes(self.config[0..8].try_into().expect("8 bytes"))
