@@ -19,7 +19,7 @@ if ! $BB mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 work "$work";
     echo "TESTBED_L1_FATAL: mounting the work share at $work failed"
     $BB poweroff -f
 fi
-echo "TESTBED_L1 kvm_amd nested=$(cat /sys/module/kvm_amd/parameters/nested) npt=$(cat /sys/module/kvm_amd/parameters/npt)"
+echo "TESTBED_L1 up after $(cut -d' ' -f1 /proc/uptime) s; kvm_amd nested=$(cat /sys/module/kvm_amd/parameters/nested) npt=$(cat /sys/module/kvm_amd/parameters/npt)"
 cd "$work" || $BB poweroff -f
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root
 export TESTBED_WORK="$work" TESTBED_LEVEL=L1
@@ -36,6 +36,7 @@ else
 fi
 echo "TESTBED_L1_RESULT rc=$rc" >"$work/l1-result"
 echo "TESTBED_L1_RESULT rc=$rc"
+cd /
 $BB sync
 $BB umount "$work"
 $BB poweroff -f

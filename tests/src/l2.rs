@@ -120,8 +120,9 @@ impl L2Boot {
 }
 
 /// A POSIX shell script that runs `boots` one after another, each under `timeout`, with stdin
-/// from `/dev/null`, writing `<out>/<name>.log` (stdout and stderr: the serial console) and
-/// `<out>/<name>.rc` (exit status; 124 or 137 when the time ran out).
+/// from `/dev/null`, writing `<out>/<name>.log` (stdout and stderr: the serial console; written
+/// to a temporary directory during the boot, copied when it ends) and `<out>/<name>.rc` (exit
+/// status; 124 or 137 when the time ran out).
 pub fn boots_script(boots: &[L2Boot], kernel: &Kernel, atoll: &Path, out: &Path) -> String {
     let out = shell_quote(&out.to_string_lossy());
     let mut script = format!(
@@ -130,14 +131,18 @@ pub fn boots_script(boots: &[L2Boot], kernel: &Kernel, atoll: &Path, out: &Path)
 out={out}
 rm -rf "$out"
 mkdir -p "$out"
+# The console goes to a local file first: in L1 the work directory is a 9p share, and a VMM
+# that writes its serial output byte by byte to it makes a boot several times slower.
+tmp=$(mktemp -d)
 run_boot() {{
     name=$1
     secs=$2
     shift 2
     echo "TESTBED_L2_START $name: $*"
     start=$(date +%s)
-    timeout -k 10 "$secs" "$@" </dev/null >"$out/$name.log" 2>&1
+    timeout -k 10 "$secs" "$@" </dev/null >"$tmp/$name.log" 2>&1
     rc=$?
+    cp "$tmp/$name.log" "$out/$name.log"
     echo "$rc" >"$out/$name.rc"
     echo "TESTBED_L2_END $name rc=$rc after $(($(date +%s) - start)) s"
 }}
@@ -157,7 +162,7 @@ run_boot() {{
             command.join(" ")
         );
     }
-    script.push_str("exit 0\n");
+    script.push_str("rm -rf \"$tmp\"\nexit 0\n");
     script
 }
 
