@@ -10,10 +10,12 @@ mod bus;
 mod cpu;
 mod devices;
 mod exit;
+mod irq_routing;
 mod layout;
 mod memory;
 mod platform;
 mod vcpu;
+mod virtio;
 mod vm;
 
 use ipc::control::{CORE_CONTROL_FD, CoreChannel, CoreToLauncher, ExitReason, LauncherToCore};

@@ -46,6 +46,8 @@ pub enum VmError {
     Cpu(#[from] cpu::CpuError),
     #[error(transparent)]
     Platform(#[from] platform::PlatformError),
+    #[error(transparent)]
+    Disk(#[from] crate::virtio::blk::BlkError),
     #[error("cannot set up the VM's exit signal or threads")]
     Os(#[source] std::io::Error),
     #[error("cannot install the vCPU kick signal handler: {0}")]
@@ -159,7 +161,17 @@ pub fn run(cfg: &VmConfig, mut fds: StartFds, chan: &CoreChannel) -> Result<Exit
     let exit = Arc::new(ExitSignal::new().map_err(VmError::Os)?);
     let pio = Arc::new(Bus::new());
     let mmio = Arc::new(Bus::new());
-    let _platform = platform::Platform::attach(&vm, &pio, &mmio, &exit, fds.console)?;
+    let platform = platform::Platform::attach(&vm, &pio, &mmio, &exit, fds.console)?;
+    // One GSI router owns KVM's routing table; one virtio-blk PCI device per disk socket.
+    let gsi_router = Arc::new(crate::irq_routing::GsiRouter::new(vm.clone()));
+    let _disks = crate::virtio::blk::attach_disks(
+        vm.clone(),
+        &gsi_router,
+        &mem,
+        &platform.pci,
+        &cfg.disks,
+        fds.disks,
+    )?;
 
     let cpuid = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
