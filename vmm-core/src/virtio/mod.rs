@@ -27,10 +27,8 @@ use vmm_sys_util::eventfd::EventFd;
 /// `VIRTIO_F_VERSION_1`: the modern interface; required.
 pub const VIRTIO_F_VERSION_1: u32 = 32;
 
-/// Device status bits (virtio 1.2 §2.1).
+/// Device status bits the transport acts on (virtio 1.2 §2.1).
 pub mod status {
-    pub const ACKNOWLEDGE: u8 = 0x01;
-    pub const DRIVER: u8 = 0x02;
     pub const DRIVER_OK: u8 = 0x04;
     pub const FEATURES_OK: u8 = 0x08;
     pub const DEVICE_NEEDS_RESET: u8 = 0x40;

@@ -438,40 +438,15 @@ impl<B: VirtioBackend> VirtioPciDevice<B> {
         &mut self.backend
     }
 
-    /// The device status register.
-    pub fn device_status(&self) -> u8 {
-        self.device_status
-    }
-
-    /// Feature bits offered to the driver.
-    pub fn offered_features(&self) -> u64 {
-        self.offered
-    }
-
-    /// Queue `q`'s kick eventfd (the notify ioeventfd).
-    pub fn kick_eventfd(&self, queue: usize) -> Option<&EventFd> {
-        self.kicks.get(queue)
-    }
-
-    /// MSI-X vector `v`'s eventfd and GSI.
-    pub fn vector(&self, vector: usize) -> Option<(&EventFd, u32)> {
-        self.vectors.get(vector).map(|v| (&v.call, v.gsi))
-    }
-
-    /// Whether the DRIVER_OK activation handed the queues to the backend.
-    pub fn is_active(&self) -> bool {
-        self.backend_started && self.device_status & status::DEVICE_NEEDS_RESET == 0
-    }
-
     /// The device config changed under the driver (e.g. a reconnected backend reports another
     /// capacity): bump `config_generation` and raise the config interrupt.
     pub fn notify_config_changed(&mut self) {
         self.config_generation = self.config_generation.wrapping_add(1);
         self.isr |= ISR_CONFIG;
-        if let Some(v) = self.vectors.get(usize::from(self.msix_config)) {
-            if let Err(e) = v.call.write(1) {
-                tracing::warn!(device = %self.label, "cannot signal the config interrupt: {e}");
-            }
+        if let Some(v) = self.vectors.get(usize::from(self.msix_config))
+            && let Err(e) = v.call.write(1)
+        {
+            tracing::warn!(device = %self.label, "cannot signal the config interrupt: {e}");
         }
     }
 
@@ -657,12 +632,8 @@ impl<B: VirtioBackend> VirtioPciDevice<B> {
                 }
             }
             common::QUEUE_MSIX_VECTOR => r.vector = vector,
-            common::QUEUE_ENABLE => {
-                // Only 1 means something (0 would be a queue reset, not offered).
-                if get_u16(img, field) == 1 {
-                    r.enabled = true;
-                }
-            }
+            // Only 1 means something (0 would be a queue reset, not offered).
+            common::QUEUE_ENABLE if get_u16(img, field) == 1 => r.enabled = true,
             f if f == common::QUEUE_DESC || f == common::QUEUE_DESC + 4 => {
                 r.desc = get_u64(img, common::QUEUE_DESC);
             }
@@ -878,11 +849,9 @@ impl<B: VirtioBackend> PciDevice for VirtioPciDevice<B> {
         let within = offset - region;
         match region {
             COMMON_CFG_OFFSET => self.read_common(within, data),
-            ISR_OFFSET => {
-                if within == 0 {
-                    data[0] = self.isr;
-                    self.isr = 0;
-                }
+            ISR_OFFSET if within == 0 => {
+                data[0] = self.isr;
+                self.isr = 0;
             }
             DEVICE_CFG_OFFSET => {
                 let cfg = self.backend.config();
@@ -928,10 +897,10 @@ impl<B: VirtioBackend> PciDevice for VirtioPciDevice<B> {
                 // Notifies normally end in the ioeventfd; this is the path when they arrive
                 // through the PCI_CFG window or before the ioeventfds exist.
                 let q = within / u64::from(NOTIFY_OFF_MULTIPLIER);
-                if let Some(kick) = usize::try_from(q).ok().and_then(|q| self.kicks.get(q)) {
-                    if let Err(e) = kick.write(1) {
-                        tracing::warn!(device = %self.label, queue = q, "cannot signal a kick: {e}");
-                    }
+                if let Some(kick) = usize::try_from(q).ok().and_then(|q| self.kicks.get(q))
+                    && let Err(e) = kick.write(1)
+                {
+                    tracing::warn!(device = %self.label, queue = q, "cannot signal a kick: {e}");
                 }
             }
             MSIX_TABLE_OFFSET => {
@@ -952,5 +921,29 @@ impl<B: VirtioBackend> PciDevice for VirtioPciDevice<B> {
         if let Err(e) = self.register_ioevents(new) {
             tracing::warn!(device = %self.label, "notifies will exit to the core: {}", crate::error_chain(&e));
         }
+    }
+}
+
+/// Accessors for tests.
+#[cfg(test)]
+impl<B: VirtioBackend> VirtioPciDevice<B> {
+    /// Feature bits offered to the driver.
+    pub fn offered_features(&self) -> u64 {
+        self.offered
+    }
+
+    /// Queue `q`'s kick eventfd (the notify ioeventfd).
+    pub fn kick_eventfd(&self, queue: usize) -> Option<&EventFd> {
+        self.kicks.get(queue)
+    }
+
+    /// MSI-X vector `v`'s eventfd and GSI.
+    pub fn vector(&self, vector: usize) -> Option<(&EventFd, u32)> {
+        self.vectors.get(vector).map(|v| (&v.call, v.gsi))
+    }
+
+    /// Whether the DRIVER_OK activation handed the queues to the backend.
+    pub fn is_active(&self) -> bool {
+        self.backend_started && self.device_status & status::DEVICE_NEEDS_RESET == 0
     }
 }

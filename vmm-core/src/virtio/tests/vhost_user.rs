@@ -130,9 +130,9 @@ impl VhostUserBackendMut for TestBackend {
 }
 
 /// A running daemon with one accepted connection, and the frontend's end of it.
-struct Backend {
+pub(super) struct Backend {
     daemon: VhostUserDaemon<Arc<RwLock<TestBackend>>>,
-    log: Arc<Mutex<Vec<String>>>,
+    pub log: Arc<Mutex<Vec<String>>>,
     path: PathBuf,
 }
 
@@ -144,14 +144,14 @@ impl Drop for Backend {
     }
 }
 
-fn blk_config() -> Vec<u8> {
+pub(super) fn blk_config() -> Vec<u8> {
     let mut c = vec![0u8; 60];
     c[0..8].copy_from_slice(&0x8000u64.to_le_bytes()); // capacity
     c[34..36].copy_from_slice(&2u16.to_le_bytes()); // num_queues
     c
 }
 
-fn start_backend(protocol: VhostUserProtocolFeatures) -> (Backend, UnixStream) {
+pub(super) fn start_backend(protocol: VhostUserProtocolFeatures) -> (Backend, UnixStream) {
     start_backend_with(protocol, blk_config())
 }
 
@@ -212,7 +212,7 @@ fn params(queues: usize, timeout: Duration) -> VhostUserParams {
     }
 }
 
-fn guest_ram() -> GuestMemoryMmap {
+pub(super) fn guest_ram() -> GuestMemoryMmap {
     let f = memfd::MemfdOptions::default()
         .create("test-guest-ram")
         .unwrap()
@@ -221,7 +221,7 @@ fn guest_ram() -> GuestMemoryMmap {
     memory::map_guest_ram(f, 16 << 20).unwrap()
 }
 
-fn all_protocol() -> VhostUserProtocolFeatures {
+pub(super) fn all_protocol() -> VhostUserProtocolFeatures {
     VhostUserProtocolFeatures::CONFIG
         | VhostUserProtocolFeatures::MQ
         | VhostUserProtocolFeatures::REPLY_ACK
