@@ -548,7 +548,9 @@ impl<B: VirtioBackend> VirtioPciDevice<B> {
         let end = (start + data.len()).min(common::LEN);
         let mut img = self.common_image();
         img[start..end].copy_from_slice(&data[..end - start]);
-        const FIELDS: [(usize, usize); 14] = [
+        // Read-only fields (device_feature, num_queues, config_generation, queue_notify_off)
+        // are not listed: writes to them are dropped.
+        const FIELDS: [(usize, usize); 12] = [
             (common::DEVICE_FEATURE_SELECT, 4),
             (common::DRIVER_FEATURE_SELECT, 4),
             (common::DRIVER_FEATURE, 4),
@@ -558,16 +560,12 @@ impl<B: VirtioBackend> VirtioPciDevice<B> {
             (common::QUEUE_SIZE, 2),
             (common::QUEUE_MSIX_VECTOR, 2),
             (common::QUEUE_ENABLE, 2),
-            (common::QUEUE_DESC, 4),
-            (common::QUEUE_DESC + 4, 4),
+            (common::QUEUE_DESC, 8),
             (common::QUEUE_DRIVER, 8),
             (common::QUEUE_DEVICE, 8),
-            // Read-only fields (device_feature, num_queues, config_generation,
-            // queue_notify_off) are not listed: writes to them are dropped.
-            (common::LEN, 0),
         ];
         for &(field, len) in &FIELDS {
-            if len == 0 || !PciConfiguration::overlaps(start, end - start, field..field + len) {
+            if !PciConfiguration::overlaps(start, end - start, field..field + len) {
                 continue;
             }
             self.write_common_field(field, &img);
@@ -634,9 +632,7 @@ impl<B: VirtioBackend> VirtioPciDevice<B> {
             common::QUEUE_MSIX_VECTOR => r.vector = vector,
             // Only 1 means something (0 would be a queue reset, not offered).
             common::QUEUE_ENABLE if get_u16(img, field) == 1 => r.enabled = true,
-            f if f == common::QUEUE_DESC || f == common::QUEUE_DESC + 4 => {
-                r.desc = get_u64(img, common::QUEUE_DESC);
-            }
+            common::QUEUE_DESC => r.desc = get_u64(img, field),
             common::QUEUE_DRIVER => r.avail = get_u64(img, field),
             common::QUEUE_DEVICE => r.used = get_u64(img, field),
             _ => {}

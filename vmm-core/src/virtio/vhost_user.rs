@@ -320,10 +320,7 @@ impl VhostUserDevice {
     }
 
     /// The protocol features in use.
-    #[cfg_attr(
-        not(test),
-        expect(dead_code, reason = "the backend reconnect is not wired yet")
-    )]
+    #[cfg(test)]
     pub fn protocol_features(&self) -> VhostUserProtocolFeatures {
         self.protocol
     }
