@@ -119,6 +119,7 @@ pub fn load(mem: &GuestMemoryMmap, payload: BootPayload<'_>) -> Result<BootEntry
         })?;
     write_page_tables(mem)?;
     write_gdt(mem)?;
+    write_reset_vector(mem)?;
     Ok(BootEntry {
         rip,
         zero_page: layout::ZERO_PAGE_START,
@@ -265,6 +266,18 @@ const fn gdt_entry(flags: u16, base: u32, limit: u32) -> u64 {
         | (limit as u64 & 0x0000_ffff)
 }
 
+/// Real-mode code at the reset vector: `mov al, RESET_VALUE; mov dx, RESET_CONTROL; out dx, al;
+/// hlt; jmp $-1`. A guest that jumps to the BIOS to reboot thereby asks the core for a reset.
+fn reset_vector_stub() -> [u8; 9] {
+    let [lo, hi] = layout::ports::RESET_CONTROL.to_le_bytes();
+    [0xb0, layout::ports::RESET_VALUE, 0xba, lo, hi, 0xee, 0xf4, 0xeb, 0xfd]
+}
+
+fn write_reset_vector(mem: &GuestMemoryMmap) -> Result<(), BootError> {
+    mem.write_slice(&reset_vector_stub(), GuestAddress(layout::RESET_VECTOR))
+        .map_err(|source| BootError::Write { what: "the reset vector", source })
+}
+
 fn write_gdt(mem: &GuestMemoryMmap) -> Result<(), BootError> {
     for (i, e) in (0u64..).zip(BOOT_GDT) {
         mem.write_obj(e, GuestAddress(layout::BOOT_GDT_START + i * 8))
@@ -309,6 +322,13 @@ mod tests {
     fn gdt_entries_match_the_architectural_encoding() {
         assert_eq!(BOOT_GDT[1], 0x00af_9b00_0000_ffff);
         assert_eq!(BOOT_GDT[2], 0x00cf_9300_0000_ffff);
+    }
+
+    #[test]
+    fn reset_vector_stub_writes_the_reset_register() {
+        assert_eq!(reset_vector_stub(), [0xb0, 0x06, 0xba, 0xf9, 0x0c, 0xee, 0xf4, 0xeb, 0xfd]);
+        assert!(layout::RESET_VECTOR + 9 <= 0x10_0000);
+        assert!(layout::ACPI_START + layout::ACPI_SIZE <= layout::RESET_VECTOR);
     }
 
     #[test]

@@ -20,7 +20,11 @@ pub const CMDLINE_MAX_SIZE: usize = 0x10000;
 pub const EBDA_START: u64 = 0x9fc00;
 /// ACPI tables live in the BIOS area, where Linux also scans for the RSDP.
 pub const ACPI_START: u64 = 0xe0000;
-pub const ACPI_SIZE: u64 = 0x20000;
+pub const ACPI_SIZE: u64 = 0x10000;
+/// The x86 reset vector (F000:FFF0). Linux's last-resort reboot (`machine_real_restart`, the
+/// default path on hardware-reduced ACPI without EFI) jumps here in real mode, so the boot code
+/// puts a stub there that writes the reset register, as firmware would.
+pub const RESET_VECTOR: u64 = 0xffff0;
 /// The kernel is loaded here.
 pub const HIMEM_START: u64 = 0x10_0000;
 
