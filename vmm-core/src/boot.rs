@@ -268,14 +268,27 @@ const fn gdt_entry(flags: u16, base: u32, limit: u32) -> u64 {
 
 /// Real-mode code at the reset vector: `mov al, RESET_VALUE; mov dx, RESET_CONTROL; out dx, al;
 /// hlt; jmp $-1`. A guest that jumps to the BIOS to reboot thereby asks the core for a reset.
+#[rustfmt::skip]
 fn reset_vector_stub() -> [u8; 9] {
     let [lo, hi] = layout::ports::RESET_CONTROL.to_le_bytes();
-    [0xb0, layout::ports::RESET_VALUE, 0xba, lo, hi, 0xee, 0xf4, 0xeb, 0xfd]
+    [
+        0xb0, layout::ports::RESET_VALUE,   // mov al, RESET_VALUE
+        0xba, lo, hi,                       // mov dx, RESET_CONTROL
+        0xee,                               // out dx, al
+        0xf4,                               // hlt
+        0xeb, 0xfd,                         // jmp $-1
+    ]
 }
+
+// The stub sits between the ACPI tables and the end of the first MiB.
+const _: () = assert!(layout::ACPI_START + layout::ACPI_SIZE <= layout::RESET_VECTOR);
 
 fn write_reset_vector(mem: &GuestMemoryMmap) -> Result<(), BootError> {
     mem.write_slice(&reset_vector_stub(), GuestAddress(layout::RESET_VECTOR))
-        .map_err(|source| BootError::Write { what: "the reset vector", source })
+        .map_err(|source| BootError::Write {
+            what: "the reset vector",
+            source,
+        })
 }
 
 fn write_gdt(mem: &GuestMemoryMmap) -> Result<(), BootError> {
@@ -326,9 +339,13 @@ mod tests {
 
     #[test]
     fn reset_vector_stub_writes_the_reset_register() {
-        assert_eq!(reset_vector_stub(), [0xb0, 0x06, 0xba, 0xf9, 0x0c, 0xee, 0xf4, 0xeb, 0xfd]);
-        assert!(layout::RESET_VECTOR + 9 <= 0x10_0000);
-        assert!(layout::ACPI_START + layout::ACPI_SIZE <= layout::RESET_VECTOR);
+        let stub = reset_vector_stub();
+        assert_eq!(stub, [0xb0, 0x06, 0xba, 0xf9, 0x0c, 0xee, 0xf4, 0xeb, 0xfd]);
+        let end = layout::RESET_VECTOR + u64::try_from(stub.len()).unwrap();
+        assert!(
+            end <= 0x10_0000,
+            "stub ends at {end:#x}, past the first MiB"
+        );
     }
 
     #[test]

@@ -68,10 +68,10 @@ impl Bus {
             .filter(|_| len > 0)
             .ok_or(BusError::BadRange { base, len })?;
         let mut ranges = self.ranges.write().expect("bus lock poisoned");
-        if let Some((&b, e)) = ranges.range(..end).next_back() {
-            if b + e.len > base {
-                return Err(BusError::Overlap { base, len });
-            }
+        if let Some((&b, e)) = ranges.range(..end).next_back()
+            && b + e.len > base
+        {
+            return Err(BusError::Overlap { base, len });
         }
         ranges.insert(base, Entry { len, dev });
         Ok(())
@@ -94,12 +94,12 @@ impl Bus {
             base: new,
             len: e.len,
         })?;
-        if let Some((&b, o)) = ranges.range(..end).next_back() {
-            if b + o.len > new {
-                let len = e.len;
-                ranges.insert(old, e);
-                return Err(BusError::Overlap { base: new, len });
-            }
+        if let Some((&b, o)) = ranges.range(..end).next_back()
+            && b + o.len > new
+        {
+            let len = e.len;
+            ranges.insert(old, e);
+            return Err(BusError::Overlap { base: new, len });
         }
         ranges.insert(new, e);
         Ok(())

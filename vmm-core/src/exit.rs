@@ -43,6 +43,7 @@ impl ExitSignal {
     }
 
     /// Readable once an exit was requested.
+    #[cfg(test)]
     pub fn event(&self) -> &EventFd {
         &self.event
     }

@@ -10,7 +10,6 @@ pub mod power;
 pub mod rtc;
 pub mod serial;
 
-pub use pci::{PciConfigIo, PciConfiguration, PciDevice, PciRoot};
-pub use power::{AcpiSleep, I8042, PVPANIC, PvPanic, ResetControl};
+pub use pci::{PciConfigIo, PciDevice, PciRoot};
+pub use power::{AcpiSleep, I8042, PVPANIC, PvPanic};
 pub use rtc::Rtc;
-pub use serial::{EventFdTrigger, SerialConsole, spawn_input_thread};

@@ -18,12 +18,13 @@ use vm_superio::{I8042Device, Trigger};
 
 use crate::bus::BusDevice;
 use crate::exit::ExitSignal;
+use crate::layout::ports;
 
 /// Port of the pvpanic device (QEMU's default `iobase`).
 pub const PVPANIC: u16 = 0x505;
 pub const PVPANIC_LEN: u16 = 1;
 /// i8042 range: data port 0x60 up to and including the command/status port 0x64.
-pub const I8042_LEN: u16 = 5;
+pub const I8042_LEN: u16 = ports::I8042_COMMAND - ports::I8042_DATA + 1;
 
 /// Sleep control register: SLP_EN.
 pub const SLP_EN: u8 = 1 << 5;

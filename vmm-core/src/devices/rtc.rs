@@ -48,6 +48,8 @@ const HOURS_PM: u8 = 0x80;
 
 const CMOS_SIZE: usize = 128;
 const INDEX_MASK: u8 = 0x7f;
+/// Index port bit 7: the PC's NMI mask (ignored).
+#[cfg(test)]
 const NMI_DISABLE: u8 = 0x80;
 
 const SECS_PER_DAY: i64 = 86_400;
@@ -149,7 +151,6 @@ fn host_clock() -> i64 {
 /// The CMOS RTC bus device; insert it at `ports::RTC` with length `ports::RTC_LEN`.
 pub struct Rtc {
     index: u8,
-    nmi_disabled: bool,
     ram: [u8; CMOS_SIZE],
     /// Guest time minus host time, in seconds.
     offset: i64,
@@ -178,17 +179,11 @@ impl Rtc {
         ram[usize::from(STATUS_D)] = D_VRT;
         Self {
             index: 0,
-            nmi_disabled: false,
             ram,
             offset: 0,
             frozen: None,
             clock,
         }
-    }
-
-    /// Whether the guest masked NMIs through bit 7 of the index port.
-    pub fn nmi_disabled(&self) -> bool {
-        self.nmi_disabled
     }
 
     fn status_b(&self) -> u8 {
@@ -339,10 +334,8 @@ impl BusDevice for Rtc {
     fn write(&mut self, offset: u64, data: &[u8]) {
         for (port, &v) in (offset..).zip(data.iter()) {
             match port {
-                0 => {
-                    self.index = v & INDEX_MASK;
-                    self.nmi_disabled = v & NMI_DISABLE != 0;
-                }
+                // Bit 7 masks NMIs on a PC; the core never injects any, so it is dropped.
+                0 => self.index = v & INDEX_MASK,
                 1 => self.write_reg(self.index, v),
                 _ => {}
             }
@@ -529,11 +522,10 @@ mod tests {
     #[test]
     fn index_port_nmi_bit_and_cmos_ram() {
         let (mut rtc, _) = rtc_at(LEAP_EVE);
+        // The NMI-mask bit does not take part in selecting the register.
         rtc.write(0, &[NMI_DISABLE | 0x40]);
-        assert!(rtc.nmi_disabled());
         rtc.write(1, &[0xab]);
         rtc.write(0, &[0x40]);
-        assert!(!rtc.nmi_disabled());
         let mut b = [0];
         rtc.read(1, &mut b);
         assert_eq!(b[0], 0xab);

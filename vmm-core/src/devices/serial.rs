@@ -34,10 +34,6 @@ impl EventFdTrigger {
     pub fn new(evt: EventFd) -> Self {
         Self(evt)
     }
-
-    pub fn eventfd(&self) -> &EventFd {
-        &self.0
-    }
 }
 
 impl Trigger for EventFdTrigger {
@@ -89,12 +85,8 @@ impl<W: Write + Send> SerialConsole<W> {
         }
     }
 
-    /// The interrupt eventfd (the one to register as irqfd on `irq::COM1`).
-    pub fn irq_evt(&self) -> &EventFd {
-        self.uart.interrupt_evt().eventfd()
-    }
-
     /// Free space in the receive FIFO.
+    #[cfg(test)]
     pub fn fifo_capacity(&self) -> usize {
         self.uart.fifo_capacity()
     }

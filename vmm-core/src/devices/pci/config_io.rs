@@ -7,13 +7,14 @@ use super::root::PciRoot;
 use crate::bus::BusDevice;
 use crate::devices::power::ResetControl;
 use crate::exit::ExitSignal;
+use crate::layout::ports;
 
 /// CONFIG_ADDRESS: enable bit.
 const ENABLE: u32 = 1 << 31;
 /// Offset of the reset control register from 0xcf8.
-const RESET_OFFSET: u64 = 1;
+const RESET_OFFSET: u64 = (ports::RESET_CONTROL - ports::PCI_CONFIG_ADDRESS) as u64;
 /// Offset of CONFIG_DATA from 0xcf8.
-const DATA_OFFSET: u64 = 4;
+const DATA_OFFSET: u64 = (ports::PCI_CONFIG_DATA - ports::PCI_CONFIG_ADDRESS) as u64;
 
 /// The decoded fields of a CONFIG_ADDRESS value.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -38,6 +39,8 @@ impl ConfigAddress {
         }
     }
 
+    /// The CONFIG_ADDRESS value that decodes to `self` (what a guest driver writes).
+    #[cfg(test)]
     pub fn encode(self) -> u32 {
         let enable = if self.enabled { ENABLE } else { 0 };
         let reg = u32::try_from(self.reg_idx & 0x3f).expect("masked to 6 bits");

@@ -16,18 +16,10 @@ mod configuration;
 mod device;
 mod root;
 
-pub use config_io::{ConfigAddress, PciConfigIo};
-pub use configuration::{
-    BAR0_REG, BarInfo, BarKind, CAPABILITY_POINTER_REG, CLASS_REG, COMMAND_BUS_MASTER,
-    COMMAND_INTX_DISABLE, COMMAND_IO, COMMAND_MEMORY, COMMAND_PARITY, COMMAND_REG, COMMAND_SERR,
-    HEADER_REG, ID_REG, INTERRUPT_REG, NUM_BARS, NUM_CONFIG_REGS, PciConfiguration, PciHeader,
-    ROM_REG, STATUS_CAPABILITIES, SUBSYSTEM_REG,
-};
+pub use config_io::PciConfigIo;
+pub use configuration::{BarKind, PciConfiguration, PciHeader};
 pub use device::PciDevice;
-pub use root::{
-    AddressAllocator, HOST_BRIDGE_DEVICE_ID, HOST_BRIDGE_VENDOR_ID, NUM_SLOTS, PCI_IO_END,
-    PCI_IO_START, PciRoot,
-};
+pub use root::PciRoot;
 
 use crate::bus::BusError;
 

@@ -243,6 +243,7 @@ impl PciRoot {
     }
 
     /// The device in `slot`, if any (slot 0 is the host bridge).
+    #[cfg(test)]
     pub fn device(&self, slot: u8) -> Option<Arc<Mutex<dyn PciDevice>>> {
         self.slots
             .get(usize::from(slot))?
