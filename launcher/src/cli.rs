@@ -78,18 +78,25 @@ pub struct RunArgs {
     #[arg(long, value_name = "SIZE", default_value = "512M")]
     pub memory: String,
 
-    /// Add a virtio-blk disk served by its own dev-blk process; repeatable.
+    /// Add a virtio-blk disk; repeatable.
     ///
-    /// The guest sees the disks as vda, vdb, ... in the order given. Keys:
-    ///   path=IMG         raw image file or block device (required; cannot contain a comma)
+    /// The guest sees the disks as vda, vdb, ... in the order given. A disk is either an
+    /// image served by its own dev-blk process (path=IMG...) or an externally managed
+    /// vhost-user-blk backend, such as qemu-storage-daemon's vhost-user-blk export, that atoll
+    /// connects to and does not start (socket=PATH...). Keys:
+    ///   path=IMG         raw image file or block device (cannot contain a comma)
     ///   readonly=on|off  open the image read-only; the guest sees a read-only disk
     ///   direct=on|off    open the image with O_DIRECT, bypassing the host page cache
-    ///   queues=N         request queues offered to the guest, 1 to 64 (default 1)
     ///   serial=ID        the disk's serial number, 1 to 20 printable ASCII characters
+    ///   socket=PATH      the UNIX socket an external vhost-user-blk backend listens on
+    ///                    (cannot contain a comma); combines with queues= only: the backend
+    ///                    itself decides read-only, caching and serial
+    ///   queues=N         request queues offered to the guest, 1 to 64 (default 1; an external
+    ///                    backend may offer fewer)
     #[arg(
         long,
         verbatim_doc_comment,
-        value_name = "path=IMG[,readonly=on][,direct=on][,queues=N][,serial=ID]"
+        value_name = "path=IMG[,readonly=on][,direct=on][,queues=N][,serial=ID]|socket=PATH[,queues=N]"
     )]
     pub disk: Vec<String>,
 }

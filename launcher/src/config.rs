@@ -14,6 +14,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 
 /// The kernel command line used when `--cmdline` is not given.
@@ -54,6 +55,8 @@ pub enum ConfigError {
     },
     #[error("--disk {value}: {reason}")]
     DiskImage { value: String, reason: FileError },
+    #[error("--disk {value}: {reason}")]
+    DiskSocket { value: String, reason: SocketError },
     #[error("{}: {reason}", path.display())]
     Kvm { path: PathBuf, reason: KvmError },
     #[error("cannot read the host's memory size from /proc/meminfo: {0}")]
@@ -102,18 +105,25 @@ pub enum CpusError {
 /// Why a `--disk` value does not parse.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum DiskSpecError {
-    #[error("path=IMG is required")]
+    #[error("path=IMG or socket=PATH is required")]
     MissingPath,
     #[error("empty item (stray comma)")]
     EmptyItem,
     #[error("'{0}' is not key=value")]
     NotKeyValue(String),
-    #[error("unknown option '{0}' (expected path, readonly, direct, queues or serial)")]
+    #[error("unknown option '{0}' (expected path, readonly, direct, queues, serial or socket)")]
     UnknownKey(String),
     #[error("'{0}' is given twice")]
     Duplicate(String),
     #[error("path= is empty")]
     EmptyPath,
+    #[error("socket= is empty")]
+    EmptySocket,
+    #[error(
+        "socket= cannot be combined with {0}= (an external backend is configured on its own \
+         side; only queues= applies)"
+    )]
+    SocketConflict(&'static str),
     #[error("{key}={value}: expected on or off")]
     BadSwitch { key: String, value: String },
     #[error("queues={0}: expected a number from 1 to {MAX_DISK_QUEUES}")]
@@ -141,6 +151,20 @@ pub enum FileError {
     Empty { path: PathBuf },
     #[error("the file system does not support direct=on (O_DIRECT)")]
     DirectUnsupported { path: PathBuf },
+}
+
+/// Why an external vhost-user backend cannot be reached.
+#[derive(Debug, thiserror::Error)]
+pub enum SocketError {
+    #[error("not a UNIX socket")]
+    NotASocket { path: PathBuf },
+    #[error(
+        "cannot connect: {} (is a vhost-user-blk backend listening there?)",
+        Errno(source)
+    )]
+    NoListener { path: PathBuf, source: io::Error },
+    #[error("cannot connect: {}", Errno(source))]
+    Connect { path: PathBuf, source: io::Error },
 }
 
 /// Why a kernel image cannot be booted.
@@ -277,9 +301,19 @@ pub fn parse_mem_total(meminfo: &str) -> Option<u64> {
     }
 }
 
-/// One `--disk` value, parsed.
+/// One `--disk` value, parsed: an image atoll serves with its own `dev-blk`, or an external
+/// backend atoll only connects to.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct DiskSpec {
+pub enum DiskSpec {
+    /// `path=IMG[,readonly=on][,direct=on][,queues=N][,serial=ID]`.
+    Image(ImageSpec),
+    /// `socket=PATH[,queues=N]`.
+    Socket(SocketSpec),
+}
+
+/// A disk image served by a `dev-blk` process atoll starts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ImageSpec {
     /// The image file or block device.
     pub path: PathBuf,
     /// Open the image read-only and show the guest a read-only disk.
@@ -292,9 +326,21 @@ pub struct DiskSpec {
     pub serial: Option<String>,
 }
 
+/// An externally managed vhost-user-blk backend (for example qemu-storage-daemon's
+/// `vhost-user-blk` export) listening on a UNIX socket.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SocketSpec {
+    /// The backend's listening socket.
+    pub path: PathBuf,
+    /// Request queues offered to the guest (at most what the backend reports).
+    pub queues: u16,
+}
+
 impl DiskSpec {
-    /// Parses `path=IMG[,readonly=on][,direct=on][,queues=N][,serial=ID]`.
+    /// Parses `path=IMG[,readonly=on][,direct=on][,queues=N][,serial=ID]` or
+    /// `socket=PATH[,queues=N]`.
     pub fn parse(text: &str) -> Result<Self, DiskSpecError> {
+        let mut socket = None;
         let mut path = None;
         let mut readonly = None;
         let mut direct = None;
@@ -313,6 +359,12 @@ impl DiskSpec {
                         return Err(DiskSpecError::EmptyPath);
                     }
                     path.replace(PathBuf::from(value)).is_some()
+                }
+                "socket" => {
+                    if value.is_empty() {
+                        return Err(DiskSpecError::EmptySocket);
+                    }
+                    socket.replace(PathBuf::from(value)).is_some()
                 }
                 "readonly" => readonly.replace(parse_switch(key, value)?).is_some(),
                 "direct" => direct.replace(parse_switch(key, value)?).is_some(),
@@ -339,13 +391,31 @@ impl DiskSpec {
                 return Err(DiskSpecError::Duplicate(key.to_owned()));
             }
         }
-        Ok(Self {
+        let queues = queues.unwrap_or(1);
+        if let Some(socket) = socket {
+            let conflict = [
+                ("path", path.is_some()),
+                ("readonly", readonly.is_some()),
+                ("direct", direct.is_some()),
+                ("serial", serial.is_some()),
+            ]
+            .into_iter()
+            .find_map(|(key, given)| given.then_some(key));
+            if let Some(key) = conflict {
+                return Err(DiskSpecError::SocketConflict(key));
+            }
+            return Ok(Self::Socket(SocketSpec {
+                path: socket,
+                queues,
+            }));
+        }
+        Ok(Self::Image(ImageSpec {
             path: path.ok_or(DiskSpecError::MissingPath)?,
             readonly: readonly.unwrap_or(false),
             direct: direct.unwrap_or(false),
-            queues: queues.unwrap_or(1),
+            queues,
             serial,
-        })
+        }))
     }
 }
 
@@ -450,15 +520,53 @@ impl Host {
     }
 }
 
-/// A block device with its image already open.
+/// A validated block device: its image or its backend's connection already open.
 #[derive(Debug)]
-pub struct Disk {
-    /// Name used in logs and for the socket, `disk<N>`.
+pub enum Disk {
+    /// Served by a `dev-blk` process atoll starts.
+    Image(ImageDisk),
+    /// Served by an external backend.
+    Socket(SocketDisk),
+}
+
+impl Disk {
+    /// Name used in logs (and for the socket of an image disk), `disk<N>`.
+    pub fn id(&self) -> &str {
+        match self {
+            Self::Image(disk) => &disk.id,
+            Self::Socket(disk) => &disk.id,
+        }
+    }
+
+    /// Request queues offered to the guest.
+    pub fn queues(&self) -> u16 {
+        match self {
+            Self::Image(disk) => disk.spec.queues,
+            Self::Socket(disk) => disk.spec.queues,
+        }
+    }
+}
+
+/// A disk image, open, for a `dev-blk` process.
+#[derive(Debug)]
+pub struct ImageDisk {
+    /// `disk<N>`.
     pub id: String,
     /// What the user asked for.
-    pub spec: DiskSpec,
+    pub spec: ImageSpec,
     /// The image, opened read-only or read-write (and with `O_DIRECT`) as `spec` says.
     pub image: File,
+}
+
+/// A connection to an external vhost-user-blk backend, handed to the core as it is.
+#[derive(Debug)]
+pub struct SocketDisk {
+    /// `disk<N>`.
+    pub id: String,
+    /// What the user asked for.
+    pub spec: SocketSpec,
+    /// Connected to `spec.path`; the backend has not seen a message yet.
+    pub stream: UnixStream,
 }
 
 /// A validated `atoll run` configuration.
@@ -529,14 +637,24 @@ impl RunConfig {
             .zip(&args.disk)
             .enumerate()
             .map(|(index, (spec, value))| {
-                let image = open_image(&spec).map_err(|reason| ConfigError::DiskImage {
-                    value: value.clone(),
-                    reason,
-                })?;
-                Ok(Disk {
-                    id: format!("disk{index}"),
-                    spec,
-                    image,
+                let id = format!("disk{index}");
+                Ok(match spec {
+                    DiskSpec::Image(spec) => {
+                        let image = open_image(&spec).map_err(|reason| ConfigError::DiskImage {
+                            value: value.clone(),
+                            reason,
+                        })?;
+                        Disk::Image(ImageDisk { id, spec, image })
+                    }
+                    DiskSpec::Socket(spec) => {
+                        let stream = connect_backend(&spec.path).map_err(|reason| {
+                            ConfigError::DiskSocket {
+                                value: value.clone(),
+                                reason,
+                            }
+                        })?;
+                        Disk::Socket(SocketDisk { id, spec, stream })
+                    }
                 })
             })
             .collect::<Result<Vec<_>, ConfigError>>()?;
@@ -627,7 +745,7 @@ pub fn open_initramfs(path: &Path) -> Result<File, FileError> {
 
 /// Opens a disk image with the mode its spec asks for: `O_RDONLY` when read-only, `O_RDWR`
 /// otherwise, plus `O_DIRECT` for `direct=on`.
-pub fn open_image(spec: &DiskSpec) -> Result<File, FileError> {
+pub fn open_image(spec: &ImageSpec) -> Result<File, FileError> {
     let path = &spec.path;
     let mut options = OpenOptions::new();
     options.read(true).write(!spec.readonly);
@@ -657,6 +775,28 @@ pub fn open_image(spec: &DiskSpec) -> Result<File, FileError> {
         });
     }
     Ok(file)
+}
+
+/// Connects to an external vhost-user backend's listening socket.
+pub fn connect_backend(path: &Path) -> Result<UnixStream, SocketError> {
+    // A clearer message than connect(2)'s "Connection refused" for a path that exists but is
+    // not a socket.
+    if let Ok(meta) = std::fs::metadata(path)
+        && !meta.file_type().is_socket()
+    {
+        return Err(SocketError::NotASocket {
+            path: path.to_owned(),
+        });
+    }
+    UnixStream::connect(path).map_err(|source| {
+        let path = path.to_owned();
+        match source.kind() {
+            io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => {
+                SocketError::NoListener { path, source }
+            }
+            _ => SocketError::Connect { path, source },
+        }
+    })
 }
 
 /// Opens the KVM device read-write and returns it with KVM's vCPU limit.
@@ -788,13 +928,13 @@ mod tests {
             DiskSpec::parse("path=/img/a.raw,readonly=on,direct=on,queues=4,serial=ABC 1").unwrap();
         assert_eq!(
             d,
-            DiskSpec {
+            DiskSpec::Image(ImageSpec {
                 path: "/img/a.raw".into(),
                 readonly: true,
                 direct: true,
                 queues: 4,
                 serial: Some("ABC 1".into()),
-            }
+            })
         );
     }
 
@@ -803,15 +943,70 @@ mod tests {
         let d = DiskSpec::parse("path=a.img").unwrap();
         assert_eq!(
             d,
-            DiskSpec {
+            DiskSpec::Image(ImageSpec {
                 path: "a.img".into(),
                 readonly: false,
                 direct: false,
                 queues: 1,
                 serial: None,
-            }
+            })
         );
-        assert!(!DiskSpec::parse("readonly=off,path=x").unwrap().readonly);
+        assert!(!image_spec("readonly=off,path=x").readonly);
+    }
+
+    /// Parses a spec that must be an image disk.
+    fn image_spec(text: &str) -> ImageSpec {
+        match DiskSpec::parse(text).unwrap() {
+            DiskSpec::Image(spec) => spec,
+            other => panic!("{text} parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn disk_on_an_external_backend() {
+        assert_eq!(
+            DiskSpec::parse("socket=/run/qsd/vhost.sock").unwrap(),
+            DiskSpec::Socket(SocketSpec {
+                path: "/run/qsd/vhost.sock".into(),
+                queues: 1,
+            })
+        );
+        let d = DiskSpec::parse("queues=4,socket=s.sock").unwrap();
+        assert_eq!(
+            d,
+            DiskSpec::Socket(SocketSpec {
+                path: "s.sock".into(),
+                queues: 4,
+            })
+        );
+    }
+
+    #[test]
+    fn external_backend_errors() {
+        use DiskSpecError as E;
+        fn err(s: &str) -> DiskSpecError {
+            DiskSpec::parse(s).unwrap_err()
+        }
+        assert_eq!(err("socket="), E::EmptySocket);
+        assert_eq!(err("socket=a,socket=b"), E::Duplicate("socket".into()));
+        assert_eq!(err("socket=s,path=a"), E::SocketConflict("path"));
+        assert_eq!(err("path=a,socket=s"), E::SocketConflict("path"));
+        assert_eq!(err("socket=s,readonly=on"), E::SocketConflict("readonly"));
+        // Even a switch that is off: the backend, not atoll, decides.
+        assert_eq!(err("socket=s,readonly=off"), E::SocketConflict("readonly"));
+        assert_eq!(err("socket=s,direct=on"), E::SocketConflict("direct"));
+        assert_eq!(err("socket=s,serial=SN"), E::SocketConflict("serial"));
+        assert_eq!(err("socket=s,queues=0"), E::BadQueues("0".into()));
+        assert_eq!(err("socket=s,cache=none"), E::UnknownKey("cache".into()));
+        assert_eq!(
+            E::SocketConflict("readonly").to_string(),
+            "socket= cannot be combined with readonly= (an external backend is configured on \
+             its own side; only queues= applies)"
+        );
+        assert_eq!(
+            E::MissingPath.to_string(),
+            "path=IMG or socket=PATH is required"
+        );
     }
 
     #[test]
@@ -976,7 +1171,7 @@ mod tests {
         use nix::fcntl::OFlag;
         let dir = TempDir::new("image");
         let img = dir.file("disk.img", &[0u8; 8192]);
-        let mut spec = DiskSpec::parse(&format!("path={}", img.display())).unwrap();
+        let mut spec = image_spec(&format!("path={}", img.display()));
         let rw = open_image(&spec).unwrap();
         assert_eq!(access_mode(&rw) & OFlag::O_ACCMODE, OFlag::O_RDWR);
         spec.readonly = true;
@@ -996,6 +1191,38 @@ mod tests {
         ));
         spec.path = dir.0.join("missing.img");
         assert!(matches!(open_image(&spec), Err(FileError::Open { .. })));
+    }
+
+    #[test]
+    fn connects_to_a_listening_backend() {
+        use std::io::Read;
+        use std::os::unix::net::UnixListener;
+        let dir = TempDir::new("socket");
+        let path = dir.0.join("backend.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let mut stream = connect_backend(&path).unwrap();
+        let (mut accepted, _) = listener.accept().unwrap();
+        accepted.write_all(b"hi").unwrap();
+        let mut got = [0u8; 2];
+        stream.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"hi");
+        drop(listener);
+        // Nobody listens any more.
+        let e = connect_backend(&path).unwrap_err();
+        assert!(matches!(e, SocketError::NoListener { .. }), "{e}");
+        assert_eq!(
+            e.to_string(),
+            "cannot connect: Connection refused (is a vhost-user-blk backend listening there?)"
+        );
+        let e = connect_backend(&dir.0.join("missing.sock")).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "cannot connect: No such file or directory (is a vhost-user-blk backend listening \
+             there?)"
+        );
+        let e = connect_backend(&dir.file("plain", b"not a socket")).unwrap_err();
+        assert!(matches!(e, SocketError::NotASocket { .. }), "{e}");
+        assert_eq!(e.to_string(), "not a UNIX socket");
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Starting and watching atoll's child processes.
 //!
-//! The [`Supervisor`] owns every child: `vmm-core` and one `dev-blk` per disk. Each child is a
+//! The [`Supervisor`] owns every child: `vmm-core` and one `dev-blk` per image disk (an
+//! external backend given with `--disk socket=` is not atoll's child). Each child is a
 //! fresh `exec` of its binary with an explicit list of inherited descriptors
 //! ([`ipc::spawn::spawn_with_fds`]), in its own process group so that the terminal's Ctrl-C
 //! reaches only the launcher, which then stops the VM in order.
@@ -11,7 +12,7 @@
 
 #![forbid(unsafe_code)]
 
-use crate::config::Disk;
+use crate::config::ImageDisk;
 use ipc::control::CORE_CONTROL_FD;
 use ipc::spawn::{Inherit, spawn_with_fds};
 use std::ffi::OsString;
@@ -277,7 +278,7 @@ impl DeviceProcess {
 }
 
 /// The arguments `dev-blk` gets for `disk`.
-pub fn dev_blk_args(disk: &Disk) -> Vec<OsString> {
+pub fn dev_blk_args(disk: &ImageDisk) -> Vec<OsString> {
     let mut args: Vec<OsString> = vec![
         "--socket-fd".into(),
         DEV_BLK_SOCKET_FD.to_string().into(),
@@ -331,7 +332,7 @@ impl Supervisor {
     /// to it, for the core.
     pub fn start_disk(
         &mut self,
-        disk: Disk,
+        disk: ImageDisk,
         program: &Path,
     ) -> Result<UnixStream, SupervisorError> {
         let dir = match &mut self.runtime_dir {
@@ -449,12 +450,19 @@ impl Drop for Supervisor {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::DiskSpec;
+    use crate::config::{DiskSpec, ImageSpec};
 
-    fn disk(spec: &str) -> Disk {
-        Disk {
+    fn image_spec(text: &str) -> ImageSpec {
+        match DiskSpec::parse(text).unwrap() {
+            DiskSpec::Image(spec) => spec,
+            other => panic!("{text} parsed as {other:?}"),
+        }
+    }
+
+    fn disk(spec: &str) -> ImageDisk {
+        ImageDisk {
             id: "disk0".into(),
-            spec: DiskSpec::parse(spec).unwrap(),
+            spec: image_spec(spec),
             image: File::open("/dev/null").unwrap(),
         }
     }
@@ -513,9 +521,9 @@ mod tests {
         std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
         let image_path = dir.path().join("disk.img");
         std::fs::write(&image_path, [0u8; 512]).unwrap();
-        let d = Disk {
+        let d = ImageDisk {
             id: "disk0".into(),
-            spec: DiskSpec::parse(&format!("path={},readonly=on", image_path.display())).unwrap(),
+            spec: image_spec(&format!("path={},readonly=on", image_path.display())),
             image: File::open(&image_path).unwrap(),
         };
         let mut sup = Supervisor::new();

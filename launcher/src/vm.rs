@@ -3,7 +3,7 @@
 
 #![forbid(unsafe_code)]
 
-use crate::config::RunConfig;
+use crate::config::{Disk, RunConfig};
 use crate::console::{ConsoleError, ConsolePumps, RawTerminal};
 use crate::supervisor::{DEV_BLK, Supervisor, SupervisorError, VMM_CORE};
 use ipc::channel::ChannelError;
@@ -162,10 +162,20 @@ pub fn run(config: RunConfig) -> Result<Outcome, VmError> {
     let mut disk_streams = Vec::with_capacity(config.disks.len());
     for disk in config.disks {
         disk_configs.push(DiskConfig {
-            id: disk.id.clone(),
-            queues: disk.spec.queues,
+            id: disk.id().to_owned(),
+            queues: disk.queues(),
         });
-        disk_streams.push(supervisor.start_disk(disk, &dev_blk_bin)?);
+        disk_streams.push(match disk {
+            Disk::Image(disk) => supervisor.start_disk(disk, &dev_blk_bin)?,
+            Disk::Socket(disk) => {
+                tracing::info!(
+                    device = %disk.id,
+                    socket = %disk.spec.path.display(),
+                    "using an external vhost-user backend"
+                );
+                disk.stream
+            }
+        });
     }
     let core_pid = supervisor.start_core(&core_bin, control_core)?;
 

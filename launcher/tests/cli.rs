@@ -155,7 +155,10 @@ fn bad_disk_options() {
             "serial=012345678901234567890",
         ),
         (format!("path={img},path={img}"), "'path' is given twice"),
-        ("readonly=on".to_owned(), "path=IMG is required"),
+        (
+            "readonly=on".to_owned(),
+            "path=IMG or socket=PATH is required",
+        ),
         (img.to_owned(), "is not key=value"),
         ("path=".to_owned(), "path= is empty"),
     ] {
@@ -190,6 +193,83 @@ fn bad_disk_options() {
         k.as_os_str(),
         &["--disk", &good, "--disk", &bad],
         &[&format!("--disk {bad}:")],
+    );
+}
+
+#[test]
+fn bad_external_backend_disks() {
+    let dir = TestDir::new("socketdisk");
+    let k = dir.file("bzImage", &bzimage(0x020f));
+    let img = dir.file("disk.img", &[0u8; 4096]);
+    let img = img.to_str().unwrap();
+    let sock = dir.path("backend.sock");
+    let sock = sock.to_str().unwrap();
+    for (value, why) in [
+        (
+            format!("socket={sock},path={img}"),
+            "socket= cannot be combined with path=",
+        ),
+        (
+            format!("path={img},socket={sock}"),
+            "socket= cannot be combined with path=",
+        ),
+        (
+            format!("socket={sock},readonly=on"),
+            "socket= cannot be combined with readonly=",
+        ),
+        (
+            format!("socket={sock},direct=off"),
+            "socket= cannot be combined with direct=",
+        ),
+        (
+            format!("socket={sock},serial=SN"),
+            "socket= cannot be combined with serial=",
+        ),
+        (format!("socket={sock},queues=65"), "queues=65"),
+        ("socket=".to_owned(), "socket= is empty"),
+        (
+            format!("socket={sock},socket={sock}"),
+            "'socket' is given twice",
+        ),
+    ] {
+        rejects(
+            k.as_os_str(),
+            &["--disk", &value],
+            &[&format!("--disk {value}:"), why],
+        );
+    }
+    // Nothing there, a socket nobody listens on, and something that is not a socket: one
+    // line naming --disk and the path, exit status 2, and nothing started.
+    let value = format!("socket={sock}");
+    rejects(
+        k.as_os_str(),
+        &["--disk", &value],
+        &[&format!(
+            "--disk {value}: cannot connect: No such file or directory (is a vhost-user-blk \
+             backend listening there?)"
+        )],
+    );
+    drop(std::os::unix::net::UnixListener::bind(sock).unwrap());
+    rejects(
+        k.as_os_str(),
+        &["--disk", &value],
+        &[&format!(
+            "--disk {value}: cannot connect: Connection refused"
+        )],
+    );
+    let value = format!("socket={img}");
+    rejects(
+        k.as_os_str(),
+        &["--disk", &value],
+        &[&format!("--disk {value}: not a UNIX socket")],
+    );
+    // The bad disk is the second one; the good image before it does not hide it.
+    let good = format!("path={img}");
+    let value = format!("socket={}", dir.path("other.sock").display());
+    rejects(
+        k.as_os_str(),
+        &["--disk", &good, "--disk", &value],
+        &[&format!("--disk {value}: cannot connect")],
     );
 }
 
@@ -273,6 +353,9 @@ fn run_help_documents_every_option() {
         "direct=on",
         "queues=N",
         "serial=ID",
+        "|socket=PATH[,queues=N]>",
+        "socket=PATH      the UNIX socket an external vhost-user-blk backend listens on",
+        "qemu-storage-daemon",
         "Ctrl-A x",
         "ATOLL_KVM_DEVICE",
         "XDG_RUNTIME_DIR",

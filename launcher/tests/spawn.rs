@@ -8,7 +8,7 @@ mod common;
 
 use common::{TestDir, atoll, bzimage, require_kvm, stderr, stdout};
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
@@ -335,6 +335,92 @@ fn disks_get_backends_with_the_right_descriptors() {
         assert_eq!(&fds[..5], [0, 1, 2, 3, 4], "{text}");
         assert!(fds.len() <= 6, "{text}");
     }
+}
+
+#[test]
+fn external_backends_are_connected_not_started() {
+    use std::os::unix::net::UnixListener;
+    let s = Setup::new("extdisk");
+    let img = s.dir.file("a.img", &[0u8; 1 << 16]);
+    // The external backend: a socket this test listens on.
+    let sock = s.dir.path("qsd.sock");
+    let listener = UnixListener::bind(&sock).unwrap();
+    // dev-blk stand-in that leaves a mark for each start.
+    let dev_blk = s.dir.script(
+        "dev-blk",
+        &format!(
+            "echo \"$*\" >> {dir}/dev-blk-starts\nexec sleep 1000\n",
+            dir = s.dir.0.display()
+        ),
+    );
+    let image_disk = format!("path={}", img.display());
+    let socket_disk = format!("socket={},queues=3", sock.display());
+    let (mut child, rx) = spawn_watching_stderr(
+        s.command("stop", &["--disk", &socket_disk, "--disk", &image_disk])
+            .env("ATOLL_DEV_BLK_BIN", &dev_blk),
+    );
+    wait_for_file(&s.report);
+    // atoll connected once; the connection is open while the VM runs.
+    listener.set_nonblocking(true).unwrap();
+    let (accepted, _) = listener.accept().expect("atoll connected to the backend");
+    assert!(
+        listener.accept().is_err(),
+        "atoll connected to the backend more than once"
+    );
+    signal(&child, nix::sys::signal::Signal::SIGTERM);
+    let status = child.wait().unwrap();
+    let err = rest(&rx);
+    assert_eq!(status.code(), Some(130), "{err}");
+
+    let report = s.report_text();
+    let peers: Vec<&str> = report.lines().filter(|l| l.starts_with("disk ")).collect();
+    // The core got the connection as disk0, in command-line order, with its queue count.
+    assert_eq!(peers.len(), 2, "{report}");
+    assert_eq!(
+        peers[0],
+        format!("disk disk0 queues=3 peer={}", sock.display()),
+        "{report}"
+    );
+    assert!(
+        peers[1].starts_with("disk disk1 queues=1 peer="),
+        "{report}"
+    );
+    assert!(peers[1].ends_with("/disk1.sock"), "{report}");
+    assert_eq!(s.report()["nfds"], "6", "{report}");
+    // Only the image disk got a dev-blk.
+    let starts = std::fs::read_to_string(s.dir.path("dev-blk-starts")).unwrap();
+    assert_eq!(starts, "--socket-fd 3 --image-fd 4\n");
+    // atoll and the core are gone, and with them every copy of the connection: the backend
+    // sees end of file.
+    let mut buf = [0u8; 1];
+    accepted.set_nonblocking(false).unwrap();
+    accepted
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    assert_eq!((&accepted).read(&mut buf).unwrap(), 0);
+    // The backend's socket is not atoll's to remove.
+    assert!(sock.exists());
+}
+
+#[test]
+fn an_external_backend_alone_starts_no_dev_blk() {
+    use std::os::unix::net::UnixListener;
+    let s = Setup::new("extonly");
+    let sock = s.dir.path("b.sock");
+    let _listener = UnixListener::bind(&sock).unwrap();
+    let disk = format!("socket={}", sock.display());
+    // A dev-blk that cannot start: atoll must not try.
+    let out = output(
+        s.command("poweroff", &["--disk", &disk])
+            .env("ATOLL_DEV_BLK_BIN", "/nonexistent/dev-blk"),
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let report = s.report_text();
+    assert!(
+        report.contains(&format!("disk disk0 queues=1 peer={}\n", sock.display())),
+        "{report}"
+    );
+    assert!(s.runtime_dir_is_empty());
 }
 
 #[test]
