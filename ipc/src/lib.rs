@@ -5,9 +5,13 @@
 //! - [`channel`]: a typed, postcard-encoded message channel over a `SOCK_SEQPACKET` socket.
 //! - [`control`]: the launcher <-> core control messages (one closed enum per direction).
 //! - [`spawn`]: starting a child as a fresh `exec` with an explicit list of inherited fds.
+//! - [`inherit`]: taking ownership of descriptors inherited across `exec`, each at most once.
+//! - [`guest_io`]: positioned vectored I/O between a file and guest memory.
 
 pub mod addr;
 pub mod channel;
 pub mod control;
 pub mod fdpass;
+pub mod guest_io;
+pub mod inherit;
 pub mod spawn;
