@@ -7,7 +7,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::IsTerminal;
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
@@ -22,6 +22,7 @@ use vhost::vhost_user::Listener;
 
 use dev_blk::config::{self, DiskGeometry, ID_BYTES, MAX_QUEUE_SIZE, MAX_QUEUES};
 use dev_blk::disk::RawImage;
+use ipc::inherit::take_inherited_fd;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -80,24 +81,9 @@ fn parse_serial(s: &str) -> Result<[u8; ID_BYTES], String> {
         .ok_or_else(|| format!("serial {s:?} is {} bytes, longer than {ID_BYTES}", s.len()))
 }
 
-/// Takes ownership of an inherited descriptor after checking that it is open.
+/// Takes ownership of an inherited descriptor (see [`ipc::inherit`]).
 fn inherited(fd: RawFd, what: &str) -> anyhow::Result<OwnedFd> {
-    if fd < 3 {
-        bail!("--{what} {fd}: descriptors 0..=2 are stdio");
-    }
-    // SAFETY: F_GETFD only queries the descriptor table; an invalid number yields EBADF.
-    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
-        return Err(std::io::Error::last_os_error()).with_context(|| format!("--{what} {fd}"));
-    }
-    // SAFETY: the descriptor is open (checked above), was inherited for this purpose, and
-    // nothing else in this process owns it; it is taken exactly once.
-    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-    nix::fcntl::fcntl(
-        &owned,
-        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
-    )
-    .with_context(|| format!("--{what} {fd}: setting FD_CLOEXEC"))?;
-    Ok(owned)
+    take_inherited_fd(fd).with_context(|| format!("--{what} {fd}"))
 }
 
 fn inherited_listener(fd: RawFd) -> anyhow::Result<Listener> {

@@ -19,7 +19,7 @@ mod virtio;
 mod vm;
 
 use ipc::control::{CORE_CONTROL_FD, CoreChannel, CoreToLauncher, ExitReason, LauncherToCore};
-use std::os::fd::{FromRawFd, OwnedFd};
+use ipc::inherit::{InheritError, take_inherited_fd};
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
@@ -41,20 +41,21 @@ fn main() -> ExitCode {
         );
         return ExitCode::from(2);
     }
-    // The launcher must have placed the control socket at CORE_CONTROL_FD.
-    if nix::fcntl::fcntl(
-        // SAFETY: only queries the flags of a descriptor number; no ownership is taken.
-        unsafe { std::os::fd::BorrowedFd::borrow_raw(CORE_CONTROL_FD) },
-        nix::fcntl::FcntlArg::F_GETFD,
-    )
-    .is_err()
-    {
-        eprintln!("vmm-core: no control socket on fd {CORE_CONTROL_FD}; start it with `atoll run`");
-        return ExitCode::from(2);
-    }
-    // SAFETY: fd CORE_CONTROL_FD is open (checked above) and was placed there for us by the
-    // launcher (ipc::spawn); nothing else in this process owns it.
-    let chan = CoreChannel::from_fd(unsafe { OwnedFd::from_raw_fd(CORE_CONTROL_FD) });
+    // The launcher must have placed the control socket at CORE_CONTROL_FD (ipc::spawn).
+    let control = match take_inherited_fd(CORE_CONTROL_FD) {
+        Ok(fd) => fd,
+        Err(InheritError::NotOpen(_)) => {
+            eprintln!(
+                "vmm-core: no control socket on fd {CORE_CONTROL_FD}; start it with `atoll run`"
+            );
+            return ExitCode::from(2);
+        }
+        Err(e) => {
+            eprintln!("vmm-core: cannot take the control socket: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let chan = CoreChannel::from_fd(control);
 
     let reason = match chan.recv() {
         Ok((LauncherToCore::Start(cfg), fds)) => {

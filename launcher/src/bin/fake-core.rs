@@ -10,21 +10,23 @@
 //!   message), `stop` (default: wait for `Shutdown`, answer `Stopped`) or `ignore` (ignore
 //!   `Shutdown` and wait to be killed).
 
+#![forbid(unsafe_code)]
+
 use ipc::control::{
     CORE_CONTROL_FD, CoreChannel, CoreToLauncher, ExitReason, LauncherToCore, VmConfig,
 };
 use nix::sys::socket::{UnixAddr, getpeername};
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 
 fn main() {
     let startup_fds = open_fds();
-    // SAFETY: test-only stand-in for vmm-core. The launcher places the control socket at
-    // CORE_CONTROL_FD (checked to be open by `open_fds` above, or `recv` fails); nothing else in
-    // this process owns that descriptor.
-    let chan = CoreChannel::from_fd(unsafe { OwnedFd::from_raw_fd(CORE_CONTROL_FD) });
+    // The launcher places the control socket at CORE_CONTROL_FD.
+    let chan = CoreChannel::from_fd(
+        ipc::inherit::take_inherited_fd(CORE_CONTROL_FD).expect("take the control socket"),
+    );
     let mut report = format!("startup_fds={startup_fds}\n");
     let (msg, fds) = chan.recv().expect("receive Start");
     let LauncherToCore::Start(cfg) = msg else {
