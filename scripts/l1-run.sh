@@ -7,10 +7,13 @@
 #   $TESTBED_INITRAMFS  the facts guest (prints TESTBED_FACT KEY=VALUE lines, then does
 #                       testbed.action=poweroff|reboot|panic|shell from its command line)
 #   $TESTBED_WORK       its writable work directory (also the current directory)
-# Example script:
+# Its output is printed when L1 has powered off (live with --interactive). Example script:
 #   $ATOLL run --kernel "$TESTBED_KERNEL" --initramfs "$TESTBED_INITRAMFS" \
-#       --cmdline "console=ttyS0 testbed.action=reboot" --cpus 2 --memory 512M
-#   echo "atoll exited with $?"
+#       --cmdline "console=ttyS0 testbed.action=reboot" --cpus 2 --memory 512M \
+#       </dev/null >/tmp/console.log 2>&1
+#   echo "atoll exited with $?"; cp /tmp/console.log .
+# Send a VMM's console to /tmp inside L1 and copy it afterwards: the work directory is a 9p
+# share, and a serial console written to it byte by byte makes a boot several times slower.
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 if [ -z "${TESTBED_NO_BUILD:-}" ]; then

@@ -326,7 +326,7 @@ fn demo(vmm: DemoVmm) -> Result<ExitCode> {
         },
         cpus: 2,
         memory_mib: 512,
-        cmdline: "console=ttyS0 testbed.action=shell".into(),
+        cmdline: "console=ttyS0 quiet testbed.action=shell".into(),
         initramfs: image,
         timeout: Duration::from_secs(24 * 3600),
     };
