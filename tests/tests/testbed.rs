@@ -94,3 +94,23 @@ sleep 60
     assert!(work.join("attempt-1").exists() && work.join("attempt-2").exists());
     assert!(!work.join("attempt-3").exists());
 }
+
+/// On hosts with a real KVM, scripts run directly, from their work directory.
+#[test]
+fn direct_runs_scripts_on_the_host_like_l1_does() {
+    let testbed = testbed();
+    let work = testbed.work_dir("testbed-direct").unwrap();
+    let script = "echo \"in $(pwd) work=$TESTBED_WORK\"\necho out > from-script.txt\nexit 5\n";
+    let run = l1::run_direct(&work, script, std::time::Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("direct run failed: {e}"));
+    let work = std::fs::canonicalize(&work).unwrap();
+    let log = std::fs::read_to_string(&run.log).unwrap();
+    assert_eq!(run.status, 5, "{log}");
+    assert_eq!(run.l1_boots, 0);
+    let expected = format!("in {0} work={0}", work.display());
+    assert!(log.lines().any(|l| l == expected), "{log}");
+    assert_eq!(
+        std::fs::read_to_string(work.join("from-script.txt")).unwrap(),
+        "out\n"
+    );
+}
