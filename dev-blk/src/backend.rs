@@ -1,13 +1,16 @@
 //! The thin adapter between `vhost-user-backend` and the request logic: feature and config
-//! answers, one worker thread per queue, and the per-kick call into [`QueueWorker::process`].
+//! answers, one worker thread per queue, and the per-kick call into
+//! [`QueueWorker::process_ring`].
+
+#![forbid(unsafe_code)]
 
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::{Arc, Mutex};
 
 use tracing::{debug, warn};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
-use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringState, VringT};
+use virtio_queue::Queue;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
@@ -17,10 +20,29 @@ use vmm_sys_util::event::{
 use crate::config::DiskGeometry;
 use crate::disk::{ImageQueue, RawImage};
 use crate::request::{GuestRam, RequestHandler};
-use crate::worker::QueueWorker;
+use crate::worker::{QueueRing, QueueWorker};
 
 /// Guest memory as shared with `vhost-user-backend` (replaced on `SET_MEM_TABLE`).
 pub type SharedRam = GuestMemoryAtomic<GuestRam>;
+
+/// One queue's vring state, borrowed from its write guard for a batch: the worker reaches the
+/// queue and the call eventfd through it, one after the other.
+struct GuardedRing<'a> {
+    state: &'a mut VringState<SharedRam>,
+    queue: usize,
+}
+
+impl QueueRing for GuardedRing<'_> {
+    fn queue(&mut self) -> &mut Queue {
+        self.state.get_queue_mut()
+    }
+
+    fn notify(&mut self) {
+        if let Err(e) = self.state.signal_used_queue() {
+            warn!(queue = self.queue, "cannot signal the used queue: {e}");
+        }
+    }
+}
 
 /// A virtio-blk vhost-user backend for one connection.
 ///
@@ -144,21 +166,14 @@ impl VhostUserBackend for BlkBackend {
         let mut worker = worker.lock().unwrap_or_else(|e| e.into_inner());
         let mem = self.mem.memory();
         // One write guard for the whole batch; `vring.add_used()` would take the lock again
-        // and deadlock, so the worker works on the queue through this guard only.
+        // and deadlock, so the worker works on the queue through this guard only. Holding it
+        // also keeps the call eventfd in place (SET_VRING_CALL needs the same lock).
         let mut state = vring.get_mut();
-        // The call eventfd is owned by the vring state, which cannot drop or replace it while
-        // we hold its write guard (SET_VRING_CALL needs the same lock).
-        let call_fd = state.get_call().as_ref().map(AsRawFd::as_raw_fd);
-        let queue = state.get_queue_mut();
-        let mut notify = || {
-            let Some(fd) = call_fd else { return };
-            // SAFETY: `fd` stays open for the whole batch: see above.
-            let fd = unsafe { BorrowedFd::borrow_raw(fd) };
-            if let Err(e) = nix::unistd::write(fd, &1u64.to_ne_bytes()) {
-                warn!(queue = thread_id, "cannot signal the used queue: {e}");
-            }
+        let mut ring = GuardedRing {
+            state: &mut state,
+            queue: thread_id,
         };
-        if let Err(e) = worker.process(queue, &mem, &mut notify) {
+        if let Err(e) = worker.process_ring(&mut ring, &mem) {
             warn!("{e}");
         }
         Ok(())

@@ -5,17 +5,20 @@
 //!
 //! The image descriptor is used as handed over: it is never reopened (the launcher opened it
 //! with the right mode, `O_RDONLY` for read-only disks), and its file offset is never relied on.
+//! The syscalls on guest memory go through `ipc::guest_io`, so this module has no `unsafe`.
+
+#![forbid(unsafe_code)]
 
 use std::fs::File;
 use std::io::{self, Seek, SeekFrom};
-use std::os::fd::AsRawFd;
+use std::os::fd::AsFd;
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
 use std::sync::{Arc, RwLock};
 
+use ipc::guest_io::{pread_exact_volatile, pwrite_all_volatile};
 use nix::fcntl::{FallocateFlags, FcntlArg, OFlag, fallocate, fcntl};
 use tracing::warn;
-use vm_memory::volatile_memory::PtrGuardMut;
-use vm_memory::{GuestMemoryBackend, GuestMemoryError};
+use vm_memory::{GuestMemoryBackend, GuestMemoryError, VolatileSlice};
 
 use crate::config::SECTOR_SIZE;
 use crate::request::{Disk, GuestRam, Segment, copy_from_guest, copy_to_guest, stream_len};
@@ -223,7 +226,8 @@ impl ImageQueue {
         &self.image
     }
 
-    /// Buffered (non-`O_DIRECT`) transfer between guest memory and the image.
+    /// Buffered (non-`O_DIRECT`) transfer between guest memory and the image, in batches of
+    /// up to [`IOV_BATCH`] guest-memory slices per `preadv`/`pwritev`.
     fn guest_io(
         &self,
         mem: &GuestRam,
@@ -231,12 +235,7 @@ impl ImageQueue {
         segs: &[Segment],
         write: bool,
     ) -> io::Result<()> {
-        let mut iov = [libc::iovec {
-            iov_base: std::ptr::null_mut(),
-            iov_len: 0,
-        }; IOV_BATCH];
-        // The guards keep each host pointer valid while the syscall uses it.
-        let mut guards: [Option<PtrGuardMut>; IOV_BATCH] = std::array::from_fn(|_| None);
+        let mut batch = [VolatileSlice::from(&mut [][..]); IOV_BATCH];
         let mut n = 0usize;
         let mut batch_bytes = 0u64;
         let mut pos = offset;
@@ -245,75 +244,30 @@ impl ImageQueue {
             for slice in GuestMemoryBackend::get_slices(mem, seg.addr, len) {
                 let slice = slice.map_err(guest_to_io)?;
                 if n == IOV_BATCH {
-                    self.vectored(&mut iov[..n], pos, write)?;
+                    self.vectored(&batch, pos, write)?;
                     pos += batch_bytes;
                     n = 0;
                     batch_bytes = 0;
                 }
-                let guard = slice.ptr_guard_mut();
-                iov[n] = libc::iovec {
-                    iov_base: guard.as_ptr().cast(),
-                    iov_len: slice.len(),
-                };
-                guards[n] = Some(guard);
+                batch[n] = slice;
                 n += 1;
                 batch_bytes += slice.len() as u64;
             }
         }
         if n > 0 {
-            self.vectored(&mut iov[..n], pos, write)?;
+            self.vectored(&batch[..n], pos, write)?;
         }
         Ok(())
     }
 
-    /// `preadv`/`pwritev` of all of `iov` at `offset`, resuming after short transfers.
-    fn vectored(&self, iov: &mut [libc::iovec], offset: u64, write: bool) -> io::Result<()> {
-        let fd = self.image.file.as_raw_fd();
-        let mut iov = iov;
-        let mut offset = offset;
-        while !iov.is_empty() {
-            let cnt = libc::c_int::try_from(iov.len()).unwrap_or(libc::c_int::MAX);
-            let off = libc::off_t::try_from(offset)
-                .map_err(|_| io::Error::from_raw_os_error(libc::EOVERFLOW))?;
-            let ret = if write {
-                // SAFETY: every iovec points into guest memory kept mapped by the caller's
-                // `&GuestRam` borrow and its pointer guards, with the length of the slice it
-                // came from; pwritev only reads through them.
-                unsafe { libc::pwritev(fd, iov.as_ptr(), cnt, off) }
-            } else {
-                // SAFETY: as above; preadv writes at most `iov_len` bytes through each
-                // pointer, all inside the guest-memory slices validated by the request parser.
-                unsafe { libc::preadv(fd, iov.as_ptr(), cnt, off) }
-            };
-            if ret < 0 {
-                let err = io::Error::last_os_error();
-                if err.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(err);
-            }
-            let mut done = usize::try_from(ret).unwrap_or(0);
-            if done == 0 {
-                return Err(if write {
-                    io::Error::from(io::ErrorKind::WriteZero)
-                } else {
-                    io::Error::from(io::ErrorKind::UnexpectedEof)
-                });
-            }
-            offset += done as u64;
-            while done > 0 {
-                let first = &mut iov[0];
-                if done >= first.iov_len {
-                    done -= first.iov_len;
-                    iov = &mut iov[1..];
-                } else {
-                    first.iov_base = first.iov_base.cast::<u8>().wrapping_add(done).cast();
-                    first.iov_len -= done;
-                    done = 0;
-                }
-            }
+    /// `preadv`/`pwritev` of all of `bufs` at `offset`, resuming after short transfers.
+    fn vectored(&self, bufs: &[VolatileSlice<'_>], offset: u64, write: bool) -> io::Result<()> {
+        let fd = self.image.file.as_fd();
+        if write {
+            pwrite_all_volatile(fd, bufs, offset)
+        } else {
+            pread_exact_volatile(fd, bufs, offset)
         }
-        Ok(())
     }
 
     /// `O_DIRECT` transfer through the aligned bounce buffer, with read-modify-write of

@@ -4,9 +4,12 @@
 //! - [`request`]: descriptor-chain walking, validation and execution against a [`request::Disk`]
 //!   (pure, unit-tested with virtio-queue's mock rings).
 //! - [`worker`]: one queue's in-order request loop (pure).
-//! - [`disk`]: the raw image: `preadv`/`pwritev` into guest memory, `O_DIRECT`, `fallocate`.
+//! - [`disk`]: the raw image: `preadv`/`pwritev` into guest memory (through `ipc::guest_io`),
+//!   `O_DIRECT`, `fallocate`.
 //! - [`backend`]: the `vhost-user-backend` adapter (one worker thread per queue).
 //! - [`server`]: the accept loop, one daemon per frontend connection.
+
+#![forbid(unsafe_code)]
 
 pub mod backend;
 pub mod config;

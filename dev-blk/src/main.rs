@@ -5,6 +5,8 @@
 //! Standalone mode (for use with other VMMs):
 //!   dev-blk --socket PATH --image PATH [--readonly] [--direct] [--queues Q] [--serial ID]
 
+#![forbid(unsafe_code)]
+
 use std::fs::{File, OpenOptions};
 use std::io::IsTerminal;
 use std::os::fd::{OwnedFd, RawFd};

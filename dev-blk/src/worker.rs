@@ -76,6 +76,27 @@ impl LogLimiter {
     }
 }
 
+/// The ring a worker serves, and the way to interrupt its driver. The worker holds it for a
+/// whole batch and alternates between the two, so an implementation can lend both out of one
+/// lock guard (see `crate::backend`).
+pub trait QueueRing {
+    /// The queue, for popping chains and publishing used entries.
+    fn queue(&mut self) -> &mut Queue;
+    /// Interrupts the driver: used entries were published and it asked to be told.
+    fn notify(&mut self);
+}
+
+/// A bare queue plus a notification callback.
+impl QueueRing for (&mut Queue, &mut dyn FnMut()) {
+    fn queue(&mut self) -> &mut Queue {
+        self.0
+    }
+
+    fn notify(&mut self) {
+        (self.1)();
+    }
+}
+
 /// Counters of one queue, for tests and diagnostics.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct QueueStats {
@@ -125,23 +146,22 @@ impl<D: Disk> QueueWorker<D> {
     ///
     /// Driver notifications (kicks) are suppressed while the batch runs and re-enabled at the
     /// end, re-checking the ring to close the race with a driver that added chains meanwhile.
-    pub fn process(
+    pub fn process_ring(
         &mut self,
-        queue: &mut Queue,
+        ring: &mut impl QueueRing,
         mem: &GuestRam,
-        notify: &mut dyn FnMut(),
     ) -> Result<u32, WorkerError> {
         let mut pending = false;
         let mut sent = 0u32;
         let mut since = Instant::now();
         loop {
-            queue
+            ring.queue()
                 .disable_notification(mem)
                 .map_err(|source| self.ring_error(source))?;
             let mut popped = 0u32;
             // `pop_descriptor_chain` returns `None` both when the ring is empty and when it is
             // unusable (not ready, or an available index more than a queue size ahead).
-            while let Some(chain) = queue.pop_descriptor_chain(mem) {
+            while let Some(chain) = ring.queue().pop_descriptor_chain(mem) {
                 popped += 1;
                 let head = chain.head_index();
                 let outcome = self.handler.handle(mem, chain, &mut self.disk);
@@ -158,7 +178,7 @@ impl<D: Disk> QueueWorker<D> {
                     }
                 }
                 // In order: this chain is published before the next one is popped.
-                if let Err(e) = queue.add_used(mem, head, outcome.used_len) {
+                if let Err(e) = ring.queue().add_used(mem, head, outcome.used_len) {
                     if let Some(suppressed) = self.limiter.allow(Instant::now()) {
                         warn!(
                             queue = self.index,
@@ -173,16 +193,18 @@ impl<D: Disk> QueueWorker<D> {
                 if now.duration_since(since) >= MAX_NOTIFY_DELAY {
                     since = now;
                     pending = false;
-                    if queue
+                    if ring
+                        .queue()
                         .needs_notification(mem)
                         .map_err(|source| self.ring_error(source))?
                     {
-                        notify();
+                        ring.notify();
                         sent += 1;
                     }
                 }
             }
-            let more = queue
+            let more = ring
+                .queue()
                 .enable_notification(mem)
                 .map_err(|source| self.ring_error(source))?;
             if !more {
@@ -194,7 +216,7 @@ impl<D: Disk> QueueWorker<D> {
                 if let Some(suppressed) = self.limiter.allow(Instant::now()) {
                     warn!(
                         queue = self.index,
-                        next_avail = queue.next_avail(),
+                        next_avail = ring.queue().next_avail(),
                         suppressed,
                         "available ring is unusable; waiting for the next kick"
                     );
@@ -203,15 +225,26 @@ impl<D: Disk> QueueWorker<D> {
             }
         }
         if pending
-            && queue
+            && ring
+                .queue()
                 .needs_notification(mem)
                 .map_err(|source| self.ring_error(source))?
         {
-            notify();
+            ring.notify();
             sent += 1;
         }
         self.stats.notifications += u64::from(sent);
         Ok(sent)
+    }
+
+    /// [`Self::process_ring`] on a bare queue, with `notify` as the notification.
+    pub fn process(
+        &mut self,
+        queue: &mut Queue,
+        mem: &GuestRam,
+        notify: &mut dyn FnMut(),
+    ) -> Result<u32, WorkerError> {
+        self.process_ring(&mut (queue, notify), mem)
     }
 
     fn ring_error(&self, source: virtio_queue::Error) -> WorkerError {

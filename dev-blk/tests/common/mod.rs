@@ -3,9 +3,10 @@
 //! driver. Shared by the process tests and the benchmark (which includes this file by path).
 
 #![allow(dead_code, reason = "each test binary uses a different subset")]
+#![forbid(unsafe_code)]
 
 use std::fs::File;
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -13,7 +14,6 @@ use std::sync::atomic::{AtomicU32, Ordering, fence};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
-use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::memfd::{MFdFlags, memfd_create};
 use vhost::vhost_user::message::{
     VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures,
@@ -21,6 +21,7 @@ use vhost::vhost_user::message::{
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vm_memory::{Address, Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 pub type GuestRam = GuestMemoryMmap<()>;
@@ -94,6 +95,8 @@ pub struct VirtQueue {
     pub used: GuestAddress,
     pub kick: EventFd,
     pub call: EventFd,
+    /// Watches `call` (an epoll set, because `EventFd` cannot lend a `BorrowedFd` for `poll`).
+    call_watch: Epoll,
     pub event_idx: bool,
     /// Next avail index the driver will publish.
     avail_idx: u16,
@@ -108,6 +111,13 @@ pub struct VirtQueue {
 
 impl VirtQueue {
     fn new(index: usize, size: u16, base: GuestAddress, event_idx: bool) -> anyhow::Result<Self> {
+        let call = EventFd::new(EFD_NONBLOCK)?;
+        let call_watch = Epoll::new()?;
+        call_watch.ctl(
+            ControlOperation::Add,
+            call.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, 0),
+        )?;
         Ok(Self {
             index,
             size,
@@ -115,7 +125,8 @@ impl VirtQueue {
             avail: base.unchecked_add(16 * u64::from(size)),
             used: base.unchecked_add(RING_AREA / 2),
             kick: EventFd::new(EFD_NONBLOCK)?,
-            call: EventFd::new(EFD_NONBLOCK)?,
+            call,
+            call_watch,
             event_idx,
             avail_idx: 0,
             kicked_idx: 0,
@@ -274,13 +285,12 @@ impl VirtQueue {
             if left.is_zero() {
                 return false;
             }
-            let ms = u16::try_from(left.as_millis().clamp(1, 10_000)).unwrap_or(10_000);
-            // SAFETY: the eventfd is owned by `self.call`, which outlives this borrow.
-            let fd = unsafe { BorrowedFd::borrow_raw(self.call.as_raw_fd()) };
-            let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
-            match poll(&mut fds, PollTimeout::from(ms)) {
-                Ok(_) | Err(nix::errno::Errno::EINTR) => {}
-                Err(e) => panic!("poll on the call eventfd: {e}"),
+            let ms = i32::try_from(left.as_millis().clamp(1, 10_000)).unwrap_or(10_000);
+            let mut events = [EpollEvent::default()];
+            match self.call_watch.wait(ms, &mut events) {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => panic!("waiting on the call eventfd: {e}"),
             }
             let _ = self.call.read();
         }
