@@ -21,6 +21,7 @@
 //! # Ok::<(), atoll_tests::TestbedError>(())
 //! ```
 
+pub mod blk;
 pub mod cmd;
 pub mod cpio;
 pub mod elf;
