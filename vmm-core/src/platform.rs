@@ -30,8 +30,24 @@ pub enum PlatformError {
     Console(#[source] std::io::Error),
 }
 
-/// Ports the guest writes for I/O delays or POST codes: accepted silently, read as all-ones.
+/// Ports the guest writes for I/O delays or POST codes, and legacy ISA hardware this platform
+/// does not have but every Linux probes for: accepted silently, read as all-ones ("absent").
 struct Sink;
+
+/// Legacy ISA port ranges Linux probes at boot and finds absent: DMA page registers (around the
+/// POST port), Super I/O configuration ports, COM2..COM4 and the parallel ports. Mapping them to
+/// [`Sink`] keeps the "unhandled access" warnings for accesses that are really unexpected.
+const ABSENT_ISA_PORTS: &[(&str, u16, u16)] = &[
+    ("DMA page registers", 0x81, 0x0f),
+    ("Super I/O config (0x2e)", 0x2e, 2),
+    ("Super I/O config (0x4e)", 0x4e, 2),
+    ("COM2", 0x2f8, 8),
+    ("COM3", 0x3e8, 8),
+    ("COM4", 0x2e8, 8),
+    ("LPT1", 0x378, 3),
+    ("LPT2", 0x278, 3),
+    ("LPT3", 0x3bc, 3),
+];
 
 impl BusDevice for Sink {
     fn read(&mut self, _offset: u64, data: &mut [u8]) {
@@ -86,6 +102,9 @@ impl Platform {
         serial::spawn_input_thread(Arc::clone(&serial), console).map_err(PlatformError::Console)?;
 
         place(pio, "POST port", Arc::new(Mutex::new(Sink)), ports::POST, 1)?;
+        for &(what, base, len) in ABSENT_ISA_PORTS {
+            place(pio, what, Arc::new(Mutex::new(Sink)), base, len)?;
+        }
         place(
             pio,
             "RTC",

@@ -52,8 +52,6 @@ pub enum VmError {
     Os(#[source] std::io::Error),
     #[error("cannot install the vCPU kick signal handler: {0}")]
     Signal(vmm_sys_util::errno::Error),
-    #[error("cannot report to the launcher")]
-    Channel(#[source] ipc::channel::ChannelError),
 }
 
 /// The descriptors of a `Start` message, in the order `LauncherToCore::Start` documents.
