@@ -27,8 +27,6 @@ use crate::request::{Disk, GuestRam, Segment, copy_from_guest, copy_to_guest, st
 const BOUNCE_SIZE: usize = 1 << 20;
 /// Size of the zero buffer used when `fallocate` cannot zero a range.
 const ZERO_CHUNK: usize = 1 << 16;
-/// iovecs per `preadv`/`pwritev` call.
-const IOV_BATCH: usize = 64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DiskError {
@@ -226,8 +224,7 @@ impl ImageQueue {
         &self.image
     }
 
-    /// Buffered (non-`O_DIRECT`) transfer between guest memory and the image, in batches of
-    /// up to [`IOV_BATCH`] guest-memory slices per `preadv`/`pwritev`.
+    /// Buffered (non-`O_DIRECT`) transfer between guest memory and the image.
     fn guest_io(
         &self,
         mem: &GuestRam,
@@ -235,29 +232,21 @@ impl ImageQueue {
         segs: &[Segment],
         write: bool,
     ) -> io::Result<()> {
-        let mut batch = [VolatileSlice::from(&mut [][..]); IOV_BATCH];
-        let mut n = 0usize;
-        let mut batch_bytes = 0u64;
-        let mut pos = offset;
+        // The usual case: one data segment inside one memory region, no allocation.
+        if let [seg] = segs
+            && let Ok(slice) =
+                GuestMemoryBackend::get_slice(mem, seg.addr, usize::try_from(seg.len).unwrap_or(0))
+        {
+            return self.vectored(&[slice], offset, write);
+        }
+        let mut slices = Vec::with_capacity(segs.len());
         for seg in segs {
             let len = usize::try_from(seg.len).unwrap_or(usize::MAX);
             for slice in GuestMemoryBackend::get_slices(mem, seg.addr, len) {
-                let slice = slice.map_err(guest_to_io)?;
-                if n == IOV_BATCH {
-                    self.vectored(&batch, pos, write)?;
-                    pos += batch_bytes;
-                    n = 0;
-                    batch_bytes = 0;
-                }
-                batch[n] = slice;
-                n += 1;
-                batch_bytes += slice.len() as u64;
+                slices.push(slice.map_err(guest_to_io)?);
             }
         }
-        if n > 0 {
-            self.vectored(&batch[..n], pos, write)?;
-        }
-        Ok(())
+        self.vectored(&slices, offset, write)
     }
 
     /// `preadv`/`pwritev` of all of `bufs` at `offset`, resuming after short transfers.

@@ -211,53 +211,55 @@ fn reads_past_the_end_of_a_shrunk_file_fail() {
 }
 
 #[test]
-fn buffered_io_with_more_slices_than_one_batch() {
-    let img = TempImage::new(1 << 20);
+fn buffered_io_with_many_slices_and_region_crossings() {
+    let img = TempImage::new(2 << 20);
     let image = Arc::new(RawImage::new(img.open(true, false), false).unwrap());
     let mut q = ImageQueue::new(image);
-    // Two regions, so that the last segment is split into two slices at their boundary.
+    // Two regions, so that segments across their boundary are split into two slices.
     let mem = GuestRam::from_ranges(&[
-        (GuestAddress(0), 0x10_0000),
-        (GuestAddress(0x10_0000), 0x10_0000),
+        (GuestAddress(0), 0x20_0000),
+        (GuestAddress(0x20_0000), 0x20_0000),
     ])
     .unwrap();
-    let count = IOV_BATCH * 2 + 7;
-    let mut segs: Vec<Segment> = (0..count - 1)
+    let boundary = seg(0x20_0000 - 256, 768);
+    // A single segment across the boundary, and more segments than one preadv takes.
+    let one = vec![boundary];
+    let count = ipc::guest_io::IOV_MAX + 76;
+    let mut many: Vec<Segment> = (0..count)
         .map(|i| {
-            seg(
-                0x1000 * u64::try_from(i).unwrap(),
-                512 + u32::try_from(i % 3).unwrap() * 16,
-            )
+            // Leave room around the boundary segment.
+            let slot = u64::try_from(if i >= 1023 { i + 2 } else { i }).unwrap();
+            seg(0x800 * slot, 512 + u32::try_from(i % 3).unwrap() * 16)
         })
         .collect();
-    segs.push(seg(0x10_0000 - 256, 768));
-    let total: usize = segs.iter().map(|s| usize::try_from(s.len).unwrap()).sum();
-    let gather = |mem: &GuestRam| {
-        let mut out = Vec::with_capacity(total);
+    many.insert(count / 2, boundary);
+    for segs in [one, many] {
+        let total: usize = segs.iter().map(|s| usize::try_from(s.len).unwrap()).sum();
+        let gather = |mem: &GuestRam| {
+            let mut out = Vec::with_capacity(total);
+            for s in &segs {
+                let mut part = vec![0u8; usize::try_from(s.len).unwrap()];
+                mem.read_slice(&mut part, s.addr).unwrap();
+                out.extend_from_slice(&part);
+            }
+            out
+        };
+
+        q.read(&mem, 4096, &segs).unwrap();
+        assert_eq!(gather(&mem), img.contents()[4096..4096 + total]);
+
+        let data = pattern(total, 5);
+        let mut at = 0;
         for s in &segs {
-            let mut part = vec![0u8; usize::try_from(s.len).unwrap()];
-            mem.read_slice(&mut part, s.addr).unwrap();
-            out.extend_from_slice(&part);
+            let len = usize::try_from(s.len).unwrap();
+            mem.write_slice(&data[at..at + len], s.addr).unwrap();
+            at += len;
         }
-        out
-    };
-
-    q.read(&mem, 4096, &segs).unwrap();
-    assert_eq!(gather(&mem), img.contents()[4096..4096 + total]);
-
-    let data = pattern(total, 5);
-    let mut at = 0;
-    for s in &segs {
-        let len = usize::try_from(s.len).unwrap();
-        mem.write_slice(&data[at..at + len], s.addr).unwrap();
-        at += len;
+        let before = img.contents();
+        q.write(&mem, 65536, &segs).unwrap();
+        let file = img.contents();
+        assert_eq!(file[65536..65536 + total], data[..]);
+        assert_eq!(file[..65536], before[..65536]);
+        assert_eq!(file[65536 + total..], before[65536 + total..]);
     }
-    q.write(&mem, 65536, &segs).unwrap();
-    let file = img.contents();
-    assert_eq!(file[65536..65536 + total], data[..]);
-    assert_eq!(file[65535], u8::try_from(65535 % 253).unwrap());
-    assert_eq!(
-        file[65536 + total],
-        u8::try_from((65536 + total) % 253).unwrap()
-    );
 }

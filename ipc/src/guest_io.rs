@@ -22,8 +22,8 @@ use vm_memory::volatile_memory::{PtrGuard, PtrGuardMut};
 
 /// The most iovecs one `preadv`/`pwritev` call takes on Linux (`UIO_MAXIOV`).
 pub const IOV_MAX: usize = 1024;
-/// iovecs built on the stack; longer lists go through a heap buffer.
-const INLINE_IOVS: usize = 64;
+/// iovecs built on the stack (requests usually have a few); longer lists use the heap.
+const INLINE_IOVS: usize = 8;
 
 const EMPTY_IOVEC: libc::iovec = libc::iovec {
     iov_base: std::ptr::null_mut(),
@@ -172,13 +172,17 @@ fn transfer<B: BitmapSlice>(
     };
     let off =
         libc::off_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EOVERFLOW))?;
-    let head = first
-        .offset(skip)
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let head = if skip == 0 {
+        first.clone()
+    } else {
+        first
+            .offset(skip)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?
+    };
     let fd = file.as_raw_fd();
     let done = if bufs.len() <= INLINE_IOVS {
         let mut iov = [EMPTY_IOVEC; INLINE_IOVS];
-        let mut guards: [Option<Guard>; INLINE_IOVS] = std::array::from_fn(|_| None);
+        let mut guards: [Option<Guard>; INLINE_IOVS] = Default::default();
         fill(&mut iov, &mut guards, &head, rest, dir);
         syscall(fd, &iov[..bufs.len()], off, dir)?
     } else {
@@ -202,7 +206,8 @@ fn transfer<B: BitmapSlice>(
     Ok(done)
 }
 
-/// Builds the iovecs (and their guards) for `head` followed by `rest`.
+/// Builds the iovecs for `head` followed by `rest`, keeping their pointer guards in `guards`
+/// (which the caller drops only after the syscall).
 fn fill<B: BitmapSlice>(
     iov: &mut [libc::iovec],
     guards: &mut [Option<Guard>],
