@@ -11,7 +11,7 @@ $BB mount -t devtmpfs devtmpfs /dev
 $BB mkdir -p /dev/pts /dev/shm
 $BB mount -t devpts -o gid=5,mode=620,ptmxmode=666 devpts /dev/pts
 $BB mount -t tmpfs tmpfs /dev/shm
-$BB mount -t tmpfs tmpfs /tmp
+# No tmpfs over /tmp: the workspace may live there (the overlay's upper layer is a tmpfs anyway).
 $BB mount -t tmpfs tmpfs /run
 $BB mount -t cgroup2 cgroup2 /sys/fs/cgroup 2>/dev/null
 $BB hostname testbed-l1
