@@ -14,12 +14,7 @@ use clap::Parser;
 use clap::error::ErrorKind;
 use cli::{Cli, Command};
 use ipc::control::exit_code;
-use std::io::IsTerminal;
 use std::process::ExitCode;
-use tracing_subscriber::EnvFilter;
-use tracing_subscriber::fmt::format::Writer;
-use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
-use tracing_subscriber::registry::LookupSpan;
 
 /// The label in front of every line atoll writes to stderr.
 const LABEL: &str = "atoll";
@@ -101,33 +96,7 @@ fn one_line(rendered: &str) -> String {
 
 /// Logs go to stderr, filtered by `ATOLL_LOG` (default `warn`), each line labelled `atoll:`.
 fn init_logging() {
-    let filter = EnvFilter::try_from_env("ATOLL_LOG").unwrap_or_else(|_| EnvFilter::new("warn"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .event_format(Labelled(tracing_subscriber::fmt::format()))
-        .init();
-}
-
-/// Puts the process label in front of another formatter's lines.
-struct Labelled<F>(F);
-
-impl<S, N, F> FormatEvent<S, N> for Labelled<F>
-where
-    S: tracing::Subscriber + for<'a> LookupSpan<'a>,
-    N: for<'a> FormatFields<'a> + 'static,
-    F: FormatEvent<S, N>,
-{
-    fn format_event(
-        &self,
-        ctx: &FmtContext<'_, S, N>,
-        mut writer: Writer<'_>,
-        event: &tracing::Event<'_>,
-    ) -> std::fmt::Result {
-        write!(writer, "{LABEL}: ")?;
-        self.0.format_event(ctx, writer, event)
-    }
+    ipc::logging::init(LABEL, "warn");
 }
 
 #[cfg(test)]

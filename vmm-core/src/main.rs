@@ -23,16 +23,7 @@ use ipc::inherit::{InheritError, take_inherited_fd};
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("ATOLL_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    let _span = tracing::info_span!("vmm-core").entered();
+    ipc::logging::init("vmm-core", "warn");
 
     if std::env::args().len() > 1 {
         eprintln!(
