@@ -3,8 +3,9 @@
 //! directory (writable, at its host path), runs the work directory's `l1-script.sh` and powers
 //! off. Runs that fail by themselves (TESTBED.md: about 1 in 40) are detected and retried once.
 
+use std::fs::{File, OpenOptions, TryLockError};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::cmd::{CmdError, TimedCommand};
 use crate::initramfs::{self, InitramfsError};
@@ -64,6 +65,8 @@ pub enum L1Error {
     Command(#[from] CmdError),
     #[error("L1 did not finish within {} s; console log: {console}", timeout.as_secs())]
     TimedOut { timeout: Duration, console: PathBuf },
+    #[error("another L1 run held {path} for more than {} s", waited.as_secs())]
+    Busy { waited: Duration, path: PathBuf },
     #[error("QEMU (L1) failed ({status}): {stderr}")]
     Qemu { status: String, stderr: String },
     #[error("the L1 guest could not set itself up: {line} (console log: {console})")]
@@ -118,6 +121,12 @@ pub fn run(
     let console = work.join(CONSOLE_LOG);
     let result = work.join(RESULT);
 
+    // Interactive runs last as long as someone types; they neither wait nor make others wait.
+    let _lock = if interactive {
+        None
+    } else {
+        Some(machine_lock(options.timeout)?)
+    };
     let attempts = if interactive { 1 } else { 2 };
     let mut reason = String::new();
     for attempt in 1..=attempts {
@@ -181,6 +190,54 @@ pub fn run(
         );
     }
     Err(L1Error::Flaky { reason, console })
+}
+
+/// Takes the machine-wide L1 lock (`$TMPDIR/atoll-testbed-l1.lock`), waiting at most `wait`:
+/// two TCG guests on a small host slow each other down several times, past their timeouts,
+/// whichever workspace or developer started them.
+fn machine_lock(wait: Duration) -> Result<File, L1Error> {
+    lock_file(&std::env::temp_dir().join("atoll-testbed-l1.lock"), wait)
+}
+
+/// An exclusive `flock` on `path`, released when the returned file is dropped.
+fn lock_file(path: &Path, wait: Duration) -> Result<File, L1Error> {
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .or_else(|_| File::open(path))
+        .map_err(io("opening", path))?;
+    let deadline = Instant::now() + wait;
+    let mut said = false;
+    loop {
+        match file.try_lock() {
+            Ok(()) => return Ok(file),
+            Err(TryLockError::WouldBlock) if Instant::now() < deadline => {
+                if !said {
+                    eprintln!(
+                        "testbed: waiting for another L1 run on this machine to finish ({})",
+                        path.display()
+                    );
+                    said = true;
+                }
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            Err(TryLockError::WouldBlock) => {
+                return Err(L1Error::Busy {
+                    waited: wait,
+                    path: path.to_path_buf(),
+                });
+            }
+            Err(TryLockError::Error(source)) => {
+                return Err(L1Error::Io {
+                    action: "locking",
+                    path: path.to_path_buf(),
+                    source,
+                });
+            }
+        }
+    }
 }
 
 /// Parses `TESTBED_L1_RESULT rc=<n>`.
@@ -286,6 +343,17 @@ mod tests {
         assert_eq!(parse_result("TESTBED_L1_RESULT rc=3"), Some(3));
         assert_eq!(parse_result("TESTBED_L1_RESULT rc="), None);
         assert_eq!(parse_result(""), None);
+    }
+
+    #[test]
+    fn one_l1_run_at_a_time() {
+        let path = std::env::temp_dir().join(format!("atoll-l1-lock-test-{}", std::process::id()));
+        let held = lock_file(&path, Duration::from_secs(1)).unwrap();
+        let err = lock_file(&path, Duration::from_millis(600)).unwrap_err();
+        assert!(matches!(err, L1Error::Busy { .. }), "{err}");
+        drop(held);
+        lock_file(&path, Duration::from_secs(1)).unwrap();
+        std::fs::remove_file(&path).unwrap();
     }
 
     #[test]

@@ -1,13 +1,8 @@
 //! The L1 machinery itself: the environment a script gets in L1, and the detection and retry of
 //! L1 runs that fail by themselves. These always boot L1 (also on hosts with a real KVM).
 
-use std::sync::Mutex;
-
 use atoll_tests::Testbed;
 use atoll_tests::l1::{self, L1Error, L1Options};
-
-/// One L1 at a time: two TCG guests on a 2-core host would slow each other down.
-static L1_LOCK: Mutex<()> = Mutex::new(());
 
 fn testbed() -> Testbed {
     Testbed::setup().unwrap_or_else(|e| panic!("setting up the testbed: {e}"))
@@ -15,7 +10,6 @@ fn testbed() -> Testbed {
 
 #[test]
 fn l1_runs_scripts_in_the_hosts_root_with_kvm_and_user_namespaces() {
-    let _one = L1_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let testbed = testbed();
     let work = testbed.work_dir("testbed-env").unwrap();
     let cargo_toml = atoll_tests::paths::workspace_root().join("Cargo.toml");
@@ -69,7 +63,6 @@ exit 7
 
 #[test]
 fn l1_failures_are_detected_and_retried_once() {
-    let _one = L1_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let testbed = testbed();
     let work = testbed.work_dir("testbed-retry").unwrap();
     // First run: finishes normally but a soft lockup shows on the console, which must not
