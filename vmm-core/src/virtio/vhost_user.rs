@@ -18,9 +18,11 @@
 //!
 //! Every exchange (the handshake, an activation, a reset, a config write) must finish within
 //! [`SOCKET_TIMEOUT`], so a stuck backend costs a vCPU at most that long: a watchdog shuts the
-//! socket down when the deadline passes. (Socket timeouts cannot do it: the `vhost` crate
-//! retries reads that fail with `EAGAIN`.) After any failed exchange the connection is
-//! dropped (the stream may be out of step); the device then waits for
+//! socket down when the deadline passes, and an exchange that overran it fails even if its
+//! last reply arrived just in time (the socket is shut down by then). (Socket timeouts cannot
+//! do it: the `vhost` crate retries reads that fail with `EAGAIN`.) An exchange whose watchdog
+//! cannot be started is not attempted. After any failed exchange the connection is dropped
+//! (the stream may be out of step); the device then waits for
 //! [`reconnect`](VhostUserDevice::reconnect).
 
 #![forbid(unsafe_code)]
@@ -31,7 +33,7 @@ use crate::memory::GuestMemoryMmap;
 use std::net::Shutdown;
 use std::os::unix::net::UnixStream;
 use std::sync::mpsc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use vhost::vhost_user::message::{
     VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
 };
@@ -58,6 +60,17 @@ const PROTOCOL_FEATURES_BIT: u64 = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bi
 pub enum VhostUserError {
     #[error("cannot duplicate the vhost-user socket for its watchdog")]
     Socket(#[source] std::io::Error),
+    #[error("cannot start the watchdog thread of a vhost-user exchange")]
+    Watchdog(#[source] std::io::Error),
+    #[error(
+        "the backend did not finish the exchange within {timeout:?}; the connection was shut down"
+    )]
+    Timeout {
+        timeout: Duration,
+        /// How the exchange failed once the socket was shut down (`None`: it had finished).
+        #[source]
+        source: Option<Box<VhostUserError>>,
+    },
     #[error("vhost-user {request} failed")]
     Request {
         request: &'static str,
@@ -154,29 +167,48 @@ struct Conn {
 }
 
 /// Runs `f`, shutting `sock` down if `f` takes longer than `timeout`: blocked reads and writes
-/// then fail and `f` returns with an error.
-fn with_deadline<T>(sock: &UnixStream, timeout: Duration, f: impl FnOnce() -> T) -> T {
+/// then fail and `f` returns with an error. Once the watchdog has shut the socket down, the
+/// exchange fails with [`VhostUserError::Timeout`] whatever `f` returned: an `Ok` from a reply
+/// that raced the deadline would leave the device believing in a connection the backend has
+/// lost. If no watchdog can be started, `f` is not run at all (it could block forever).
+pub(super) fn with_deadline<T>(
+    sock: &UnixStream,
+    timeout: Duration,
+    f: impl FnOnce() -> Result<T, VhostUserError>,
+) -> Result<T, VhostUserError> {
+    let deadline = Instant::now() + timeout;
     std::thread::scope(|scope| {
         let (done, wait) = mpsc::channel::<()>();
         let watchdog = std::thread::Builder::new()
             .name("vhost-user-watchdog".into())
             .spawn_scoped(scope, move || {
-                if wait.recv_timeout(timeout) == Err(mpsc::RecvTimeoutError::Timeout) {
+                let left = deadline.saturating_duration_since(Instant::now());
+                let expired = wait.recv_timeout(left) == Err(mpsc::RecvTimeoutError::Timeout);
+                if expired {
                     tracing::warn!(
                         ?timeout,
                         "vhost-user backend did not answer in time; closing the connection"
                     );
                     let _ = sock.shutdown(Shutdown::Both);
                 }
-            });
-        if let Err(e) = watchdog {
-            tracing::warn!(
-                "cannot start the vhost-user watchdog ({e}); waiting without a deadline"
-            );
-        }
+                expired
+            })
+            .map_err(VhostUserError::Watchdog)?;
         let result = f();
         drop(done);
-        result
+        // A watchdog that panicked leaves the socket's state unknown: fail the exchange.
+        let expired = watchdog.join().unwrap_or(true);
+        match result {
+            Err(e) if expired => Err(VhostUserError::Timeout {
+                timeout,
+                source: Some(Box::new(e)),
+            }),
+            Ok(_) if expired => Err(VhostUserError::Timeout {
+                timeout,
+                source: None,
+            }),
+            result => result,
+        }
     })
 }
 
@@ -317,6 +349,12 @@ impl VhostUserDevice {
     )]
     pub fn is_connected(&self) -> bool {
         self.conn.is_some()
+    }
+
+    /// Changes the deadline of later exchanges.
+    #[cfg(test)]
+    pub fn set_timeout(&mut self, timeout: Duration) {
+        self.timeout = timeout;
     }
 
     /// The protocol features in use.
@@ -541,12 +579,9 @@ impl VirtioBackend for VhostUserDevice {
         let Conn { fe, sock } = self.conn.as_mut().ok_or(VhostUserError::Disconnected)?;
         let sent = with_deadline(sock, timeout, || {
             fe.set_config(offset, VhostUserConfigFlags::empty(), data)
+                .map_err(req("SET_CONFIG"))
         });
-        if let Err(source) = sent {
-            let e = VhostUserError::Request {
-                request: "SET_CONFIG",
-                source,
-            };
+        if let Err(e) = sent {
             self.disconnect(&e);
             return Err(e);
         }

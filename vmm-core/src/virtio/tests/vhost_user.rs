@@ -1,14 +1,24 @@
 //! Real vhost-user exchanges: the transport and [`VhostUserDevice`] against an in-process
 //! `vhost-user-backend` daemon, with memfd guest RAM and split rings built by hand.
+//!
+//! No test can block forever on a socket: every frontend exchange runs under the device's
+//! deadline (at most [`WAIT`] here), and as a backstop each test's sockets are shut down by a
+//! [`HangGuard`] after [`TEST_LIMIT`], so a broken deadline fails the test instead of hanging
+//! it. Everything else the tests wait for (used rings, interrupts) is polled with a deadline.
 
 use super::*;
 use crate::memory::{self, GuestMemoryMmap};
 use crate::virtio::status;
-use crate::virtio::vhost_user::{ConfigPolicy, VhostUserDevice, VhostUserError, VhostUserParams};
+use crate::virtio::vhost_user::{
+    ConfigPolicy, VhostUserDevice, VhostUserError, VhostUserParams, with_deadline,
+};
+use std::io::{Read, Write};
+use std::net::Shutdown;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
-use std::sync::RwLock;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Condvar, RwLock, mpsc};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use vhost::vhost_user::Listener;
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
@@ -27,6 +37,76 @@ const RING_SIZE: u16 = 8;
 const RING_BASE: u64 = 0x10_0000;
 const BUFFERS: u64 = 0x20_0000;
 const WAIT: Duration = Duration::from_secs(5);
+/// How long a test may keep a vhost-user socket before [`HangGuard`] shuts it down.
+const TEST_LIMIT: Duration = Duration::from_secs(120);
+/// Longest stall of a stuck backend (it normally ends when the test drops the [`Backend`]).
+const STALL_LIMIT: Duration = Duration::from_secs(60);
+
+/// Shuts a socket down once [`TEST_LIMIT`] has passed, unless dropped first: any read still
+/// blocked on it (in the frontend, or in the backend daemon on the other end) then fails, and
+/// the test with it, loudly.
+pub(super) struct HangGuard {
+    stop: Option<mpsc::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl HangGuard {
+    pub(super) fn new(sock: &UnixStream) -> Self {
+        let sock = sock.try_clone().unwrap();
+        let test = std::thread::current()
+            .name()
+            .unwrap_or("a vhost-user test")
+            .to_owned();
+        let (stop, wait) = mpsc::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("test-hang-guard".into())
+            .spawn(move || {
+                if wait.recv_timeout(TEST_LIMIT) == Err(mpsc::RecvTimeoutError::Timeout) {
+                    eprintln!(
+                        "{test}: still using its vhost-user socket after {TEST_LIMIT:?}; \
+                         shutting it down so the blocked exchange fails"
+                    );
+                    let _ = sock.shutdown(Shutdown::Both);
+                }
+            })
+            .unwrap();
+        Self {
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for HangGuard {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Makes the backend's GET_VRING_BASE hang until released (or [`STALL_LIMIT`]).
+#[derive(Default)]
+struct Stall {
+    released: Mutex<bool>,
+    cond: Condvar,
+}
+
+impl Stall {
+    fn wait(&self) {
+        let released = self.released.lock().unwrap();
+        let _ = self
+            .cond
+            .wait_timeout_while(released, STALL_LIMIT, |r| !*r)
+            .unwrap();
+    }
+
+    fn release(&self) {
+        *self.released.lock().unwrap() = true;
+        self.cond.notify_all();
+    }
+}
 
 /// VERSION_1, MQ (12), CONFIG_WCE (11), PROTOCOL_FEATURES (30).
 const FEATURES: u64 = (1 << 32) | (1 << 12) | (1 << 11) | (1 << 30);
@@ -39,8 +119,8 @@ struct TestBackend {
     protocol: VhostUserProtocolFeatures,
     config: Vec<u8>,
     log: Arc<Mutex<Vec<String>>>,
-    /// GET_VRING_BASE takes this long (a stuck backend).
-    stall_stop: Duration,
+    /// GET_VRING_BASE hangs until this is released (a stuck backend).
+    stall_stop: Option<Arc<Stall>>,
 }
 
 impl VhostUserBackendMut for TestBackend {
@@ -93,7 +173,9 @@ impl VhostUserBackendMut for TestBackend {
     }
     fn stop_vring(&mut self, queue: u32) -> std::io::Result<()> {
         self.log.lock().unwrap().push(format!("stop {queue}"));
-        std::thread::sleep(self.stall_stop);
+        if let Some(stall) = &self.stall_stop {
+            stall.wait();
+        }
         Ok(())
     }
     fn handle_event(
@@ -134,10 +216,15 @@ pub(super) struct Backend {
     daemon: VhostUserDaemon<Arc<RwLock<TestBackend>>>,
     pub log: Arc<Mutex<Vec<String>>>,
     path: PathBuf,
+    stall: Option<Arc<Stall>>,
+    _guard: HangGuard,
 }
 
 impl Drop for Backend {
     fn drop(&mut self) {
+        if let Some(stall) = &self.stall {
+            stall.release();
+        }
         self.daemon.request_shutdown();
         let _ = self.daemon.wait();
         let _ = std::fs::remove_file(&self.path);
@@ -159,13 +246,13 @@ fn start_backend_with(
     protocol: VhostUserProtocolFeatures,
     config: Vec<u8>,
 ) -> (Backend, UnixStream) {
-    start_backend_full(protocol, config, Duration::ZERO)
+    start_backend_full(protocol, config, None)
 }
 
 fn start_backend_full(
     protocol: VhostUserProtocolFeatures,
     config: Vec<u8>,
-    stall_stop: Duration,
+    stall_stop: Option<Arc<Stall>>,
 ) -> (Backend, UnixStream) {
     static N: AtomicU32 = AtomicU32::new(0);
     let path = std::env::temp_dir().join(format!(
@@ -175,6 +262,7 @@ fn start_backend_full(
     ));
     let mut listener = Listener::new(&path, true).unwrap();
     let stream = UnixStream::connect(&path).unwrap();
+    let guard = HangGuard::new(&stream);
     let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
     let log = Arc::new(Mutex::new(Vec::new()));
     let backend = Arc::new(RwLock::new(TestBackend {
@@ -183,11 +271,18 @@ fn start_backend_full(
         protocol,
         config,
         log: log.clone(),
-        stall_stop,
+        stall_stop: stall_stop.clone(),
     }));
     let mut daemon = VhostUserDaemon::new("test-blk".into(), backend, mem).unwrap();
     daemon.start(&mut listener).unwrap();
-    (Backend { daemon, log, path }, stream)
+    let backend = Backend {
+        daemon,
+        log,
+        path,
+        stall: stall_stop,
+        _guard: guard,
+    };
+    (backend, stream)
 }
 
 struct WritebackOnly;
@@ -382,20 +477,74 @@ fn negotiation_caches_the_config_and_caps_the_queues() {
 
 #[test]
 fn a_silent_backend_times_out_instead_of_hanging() {
-    let (ours, _theirs) = UnixStream::pair().unwrap();
-    let err = VhostUserDevice::connect(ours, params(1, Duration::from_millis(100)), guest_ram())
+    let (ours, mut theirs) = UnixStream::pair().unwrap();
+    let _guard = HangGuard::new(&ours);
+    let timeout = Duration::from_millis(100);
+    let start = Instant::now();
+    let err = VhostUserDevice::connect(ours, params(1, timeout), guest_ram())
         .err()
         .unwrap();
+    let took = start.elapsed();
+    assert!(took >= timeout, "failed before the deadline");
+    assert!(
+        took < TEST_LIMIT,
+        "only the hang guard ended the wait: the deadline did not"
+    );
+    // Normally SET_OWNER and GET_FEATURES are sent and the wait for the features' reply is
+    // cut; on a loaded machine the deadline may pass even before the first write.
+    let VhostUserError::Timeout { source, .. } = &err else {
+        panic!("{err:?}");
+    };
     assert!(
         matches!(
-            err,
-            VhostUserError::Request {
-                request: "GET_FEATURES",
+            source.as_deref(),
+            Some(VhostUserError::Request {
+                request: "SET_OWNER" | "GET_FEATURES",
                 ..
-            }
+            })
         ),
         "{err:?}"
     );
+    // The frontend's end is shut down: the backend's end reads what was sent, then EOF.
+    let mut sent = Vec::new();
+    theirs
+        .set_read_timeout(Some(WAIT))
+        .expect("a read timeout on the backend's end");
+    theirs.read_to_end(&mut sent).unwrap();
+    assert!(sent.len() <= 2 * 12, "only header-only requests: {sent:?}");
+}
+
+#[test]
+fn an_exchange_that_overruns_its_deadline_fails_even_if_it_finished() {
+    let (ours, mut theirs) = UnixStream::pair().unwrap();
+    let _guard = HangGuard::new(&ours);
+    // The exchange waits for a reply that only the watchdog's shutdown ends, then "succeeds".
+    let r = with_deadline(&ours, Duration::from_millis(50), || {
+        let n = (&ours).read(&mut [0u8; 1]).unwrap();
+        assert_eq!(n, 0, "nothing was sent; only the shutdown ends the read");
+        Ok(())
+    });
+    assert!(
+        matches!(r, Err(VhostUserError::Timeout { source: None, .. })),
+        "{r:?}"
+    );
+    theirs.set_read_timeout(Some(WAIT)).unwrap();
+    assert_eq!(theirs.read(&mut [0u8; 1]).unwrap(), 0, "the peer sees EOF");
+
+    // In time: the result passes through and the socket stays usable.
+    let (mut ours, mut theirs) = UnixStream::pair().unwrap();
+    let _guard = HangGuard::new(&ours);
+    let r = with_deadline(&ours, WAIT, || Ok(7));
+    assert!(matches!(r, Ok(7)), "{r:?}");
+    let e = with_deadline(&ours, WAIT, || -> Result<(), _> {
+        Err(VhostUserError::Disconnected)
+    });
+    assert!(matches!(e, Err(VhostUserError::Disconnected)), "{e:?}");
+    ours.write_all(b"x").unwrap();
+    theirs.set_read_timeout(Some(WAIT)).unwrap();
+    let mut b = [0u8; 1];
+    theirs.read_exact(&mut b).unwrap();
+    assert_eq!(&b, b"x");
 }
 
 fn run_device_lifecycle(protocol: VhostUserProtocolFeatures) {
@@ -629,23 +778,35 @@ fn reconnect_with_another_config_raises_a_config_change() {
 #[test]
 fn a_stuck_backend_cannot_hold_a_vcpu_past_the_deadline() {
     let mem = guest_ram();
-    let (backend, stream) =
-        start_backend_full(all_protocol(), blk_config(), Duration::from_secs(2));
-    let dev = VhostUserDevice::connect(stream, params(1, Duration::from_millis(500)), mem.clone())
-        .unwrap();
+    let stall = Some(Arc::new(Stall::default()));
+    let (backend, stream) = start_backend_full(all_protocol(), blk_config(), stall);
+    // Setup runs with the usual deadline (a short one would fail it on a loaded machine).
+    let dev = VhostUserDevice::connect(stream, params(1, WAIT), mem.clone()).unwrap();
     let mut r = rig(dev);
     let mut ring = Ring { next: 0 };
     bring_up(&mut r, &mem, &mut ring);
     request(&r, &mem, &mut ring);
-    // GET_VRING_BASE hangs in the backend: the reset still completes, the connection goes.
+    // GET_VRING_BASE hangs in the backend until the backend is dropped: the reset still
+    // completes, after the deadline, and the connection goes.
+    let timeout = Duration::from_secs(1);
+    r.dev.backend_mut().set_timeout(timeout);
     let start = Instant::now();
     r.dev.wr(cc::STATUS, 1, 0);
+    let took = start.elapsed();
+    assert!(took >= timeout, "the reset ended before the deadline");
     assert!(
-        start.elapsed() < Duration::from_secs(2),
-        "the vCPU waited for the backend"
+        took < STALL_LIMIT,
+        "the vCPU waited for the backend to get unstuck"
     );
     assert_eq!(r.dev.rd(cc::STATUS, 1), 0);
     assert!(!r.dev.backend().is_connected());
+    // The backend did get the stop (it reads what was sent before the shutdown).
+    let got_stop = || backend.log.lock().unwrap().contains(&"stop 0".to_string());
+    let start = Instant::now();
+    while !got_stop() && start.elapsed() < WAIT {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert!(got_stop(), "{:?}", backend.log.lock().unwrap());
     drop(r);
     drop(backend);
 }
