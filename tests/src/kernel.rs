@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::cmd::{CmdError, TimedCommand};
+use crate::io_error::{IoError, io};
 
 /// Errors of [`Kernel::fetch`].
 #[derive(Debug, thiserror::Error)]
@@ -22,22 +23,8 @@ pub enum KernelError {
     NoVmlinuz { package: String },
     #[error("the package {package} holds no lib/modules/{release}")]
     NoModules { package: String, release: String },
-    #[error("{action} {path}")]
-    Io {
-        action: &'static str,
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-}
-
-fn io(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> KernelError {
-    let path = path.to_path_buf();
-    move |source| KernelError::Io {
-        action,
-        path,
-        source,
-    }
+    #[error(transparent)]
+    Io(#[from] IoError),
 }
 
 /// An extracted kernel package.
@@ -158,11 +145,7 @@ fn download_and_extract(package: &str, cache: &Path, root: &Path) -> Result<(), 
             std::fs::remove_dir_all(&staging).map_err(io("removing", &staging))?;
         }
         Err(source) => {
-            return Err(KernelError::Io {
-                action: "moving the extracted package to",
-                path: root.to_path_buf(),
-                source,
-            });
+            return Err(io("moving the extracted package to", root)(source).into());
         }
     }
     std::fs::remove_dir_all(&download).map_err(io("removing", &download))?;

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use crate::cmd::{CmdError, TimedCommand};
 use crate::initramfs::{self, InitramfsError};
+use crate::io_error::{IoError, io};
 use crate::kernel::Kernel;
 
 /// The script L1 runs, inside the work directory.
@@ -48,13 +49,8 @@ impl Default for L1Options {
 /// Errors of [`run`].
 #[derive(Debug, thiserror::Error)]
 pub enum L1Error {
-    #[error("{action} {path}")]
-    Io {
-        action: &'static str,
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] IoError),
     #[error(
         "the work directory {0} has whitespace in its path, which the L1 kernel command line cannot carry"
     )]
@@ -76,15 +72,6 @@ pub enum L1Error {
          such failures are TCG's, about 1 in 40 runs, so two in a row suggest an overloaded host"
     )]
     Flaky { reason: String, console: PathBuf },
-}
-
-fn io(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> L1Error {
-    let path = path.to_path_buf();
-    move |source| L1Error::Io {
-        action,
-        path,
-        source,
-    }
 }
 
 /// The outcome of a script run in L1 (or directly on the host).
@@ -230,11 +217,7 @@ fn lock_file(path: &Path, wait: Duration) -> Result<File, L1Error> {
                 });
             }
             Err(TryLockError::Error(source)) => {
-                return Err(L1Error::Io {
-                    action: "locking",
-                    path: path.to_path_buf(),
-                    source,
-                });
+                return Err(io("locking", path)(source).into());
             }
         }
     }

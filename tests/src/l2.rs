@@ -155,11 +155,13 @@ pub const SCRIPT_END: &str = "rm -rf \"$tmp\"\nexit 0\n";
 
 /// The `run_boot` line of one boot (see [`script_start`]).
 pub fn run_boot_line(boot: &L2Boot, kernel: &Kernel, atoll: &Path) -> String {
-    let command: Vec<String> = boot
-        .command(kernel, atoll)
-        .iter()
-        .map(|a| shell_quote(a))
-        .collect();
+    run_command_line(boot, &boot.command(kernel, atoll))
+}
+
+/// The `run_boot` line that runs `command` under `boot`'s name and time limit, for boots
+/// whose command line is [`L2Boot::command`] with more options (see [`script_start`]).
+pub fn run_command_line(boot: &L2Boot, command: &[String]) -> String {
+    let command: Vec<String> = command.iter().map(|a| shell_quote(a)).collect();
     format!(
         "run_boot {} {} {}\n",
         shell_quote(&boot.name),

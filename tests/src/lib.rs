@@ -27,6 +27,7 @@ pub mod cpio;
 pub mod elf;
 pub mod host;
 pub mod initramfs;
+pub mod io_error;
 pub mod kernel;
 pub mod l1;
 pub mod l2;
@@ -38,6 +39,7 @@ use std::time::Duration;
 
 use host::{HostKvm, Placement};
 use initramfs::InitramfsError;
+use io_error::{IoError, io};
 use kernel::{Kernel, KernelError};
 use l1::{L1Error, L1Options, ScriptRun};
 use l2::{L2Boot, L2Outcome};
@@ -58,24 +60,10 @@ pub enum TestbedError {
     Initramfs(#[from] InitramfsError),
     #[error(transparent)]
     L1(#[from] L1Error),
-    #[error("{action} {path}")]
-    Io {
-        action: &'static str,
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] IoError),
     #[error("the L2 boot script failed with status {status}; its output: {log}")]
     BootScript { status: i32, log: PathBuf },
-}
-
-fn io(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> TestbedError {
-    let path = path.to_path_buf();
-    move |source| TestbedError::Io {
-        action,
-        path,
-        source,
-    }
 }
 
 /// Whether `program` is on `$PATH`.
@@ -159,7 +147,7 @@ impl Testbed {
         init: &str,
     ) -> Result<(), TestbedError> {
         let image = initramfs::l2_initramfs(&self.kernel, modules, init)?;
-        std::fs::write(path, image).map_err(io("writing", path))
+        Ok(std::fs::write(path, image).map_err(io("writing", path))?)
     }
 
     /// Writes the standard facts initramfs ([`initramfs::l2_facts_init`] with the pvpanic

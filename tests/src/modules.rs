@@ -7,16 +7,13 @@ use std::time::Duration;
 
 use crate::cmd::{CmdError, TimedCommand};
 use crate::elf::{self, ElfError};
+use crate::io_error::{IoError, io};
 
 /// Errors of [`ModuleIndex`].
 #[derive(Debug, thiserror::Error)]
 pub enum ModuleError {
-    #[error("reading {path}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] IoError),
     #[error("module {name} is neither in {dir} nor built into the kernel")]
     Unknown { name: String, dir: PathBuf },
     #[error("module {path}")]
@@ -71,10 +68,7 @@ impl ModuleIndex {
         let mut files = BTreeMap::new();
         let mut pending = vec![dir.join("kernel")];
         while let Some(current) = pending.pop() {
-            let entries = std::fs::read_dir(&current).map_err(|source| ModuleError::Io {
-                path: current.clone(),
-                source,
-            })?;
+            let entries = std::fs::read_dir(&current).map_err(io("reading", &current))?;
             for entry in entries.filter_map(Result::ok) {
                 let path = entry.path();
                 if path.is_dir() {
@@ -86,10 +80,7 @@ impl ModuleIndex {
         }
         let builtin_list = dir.join("modules.builtin");
         let builtin = std::fs::read_to_string(&builtin_list)
-            .map_err(|source| ModuleError::Io {
-                path: builtin_list,
-                source,
-            })?
+            .map_err(io("reading", &builtin_list))?
             .lines()
             .filter_map(|line| line.rsplit('/').next().and_then(module_name))
             .collect();
@@ -161,10 +152,7 @@ fn read_module(path: &Path) -> Result<Vec<u8>, ModuleError> {
         Some("zst") => "zstd",
         Some("gz") => "gzip",
         _ => {
-            return std::fs::read(path).map_err(|source| ModuleError::Io {
-                path: path.to_path_buf(),
-                source,
-            });
+            return Ok(std::fs::read(path).map_err(io("reading", path))?);
         }
     };
     TimedCommand::new(tool, Duration::from_secs(60))
