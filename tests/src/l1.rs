@@ -117,6 +117,11 @@ pub fn run(
     let attempts = if interactive { 1 } else { 2 };
     let mut reason = String::new();
     for attempt in 1..=attempts {
+        if attempt > 1 && console.exists() {
+            // Keep the failed attempt's console for diagnosis.
+            let kept = work.join(format!("l1-console.attempt{}.log", attempt - 1));
+            std::fs::rename(&console, &kept).map_err(io("renaming", &console))?;
+        }
         for stale in [&console, &result] {
             if stale.exists() {
                 std::fs::remove_file(stale).map_err(io("removing", stale))?;
@@ -144,8 +149,13 @@ pub fn run(
             Err(CmdError::TimedOut { .. }) if soft_lockup => {
                 "a CPU soft lockup, then the time ran out".to_owned()
             }
-            Err(CmdError::TimedOut { timeout, .. }) => {
+            // Every L2 boot inside L1 has its own, shorter timeout, so an L1 that runs out of
+            // time froze by itself (TCG's rare hang, TESTBED.md): that earns the one retry.
+            Err(CmdError::TimedOut { timeout, .. }) if attempt == attempts => {
                 return Err(L1Error::TimedOut { timeout, console });
+            }
+            Err(CmdError::TimedOut { timeout, .. }) => {
+                format!("no result within {} s: L1 froze", timeout.as_secs())
             }
             Err(other) => return Err(other.into()),
             Ok((status, stderr)) if !status.success() && log.is_empty() => {

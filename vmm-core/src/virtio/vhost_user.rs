@@ -42,8 +42,11 @@ use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, Le16};
 use vmm_sys_util::eventfd::EventFd;
 
-/// Longest time one exchange with the backend may take.
-pub const SOCKET_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest time one exchange with the backend may take. Generous on purpose: a live backend on
+/// an overloaded host (or in a nested testbed) can take seconds to answer, and cutting it off
+/// fails the device for the guest, while a truly stuck backend leaves the guest's disk stuck
+/// either way; the deadline only bounds how long it can hold a vCPU.
+pub const SOCKET_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The protocol features the frontend uses when the backend offers them.
 pub fn wanted_protocol_features() -> VhostUserProtocolFeatures {
