@@ -401,39 +401,54 @@ mod tests {
         assert_eq!(w.stats().notifications, 2);
     }
 
-    #[test]
-    fn long_batches_notify_before_they_end() {
-        /// A disk whose reads take longer than `MAX_NOTIFY_DELAY`.
-        #[derive(Debug)]
-        struct Slow(FakeDisk);
-        impl Disk for Slow {
-            fn read(
-                &mut self,
-                m: &GuestRam,
-                o: u64,
-                s: &[crate::request::Segment],
-            ) -> std::io::Result<()> {
-                std::thread::sleep(MAX_NOTIFY_DELAY * 2);
-                self.0.read(m, o, s)
-            }
-            fn write(
-                &mut self,
-                m: &GuestRam,
-                o: u64,
-                s: &[crate::request::Segment],
-            ) -> std::io::Result<()> {
-                self.0.write(m, o, s)
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                self.0.flush()
-            }
-            fn discard(&mut self, o: u64, l: u64) -> std::io::Result<()> {
-                self.0.discard(o, l)
-            }
-            fn write_zeroes(&mut self, o: u64, l: u64, u: bool) -> std::io::Result<()> {
-                self.0.write_zeroes(o, l, u)
+    /// A [`FakeDisk`] that runs `hook` on its state before every read.
+    struct OnRead<T> {
+        disk: FakeDisk,
+        state: T,
+        hook: fn(&mut T, &GuestRam),
+    }
+
+    impl<T> OnRead<T> {
+        fn new(state: T, hook: fn(&mut T, &GuestRam)) -> Self {
+            Self {
+                disk: FakeDisk::new(),
+                state,
+                hook,
             }
         }
+    }
+
+    impl<T> Disk for OnRead<T> {
+        fn read(
+            &mut self,
+            m: &GuestRam,
+            o: u64,
+            s: &[crate::request::Segment],
+        ) -> std::io::Result<()> {
+            (self.hook)(&mut self.state, m);
+            self.disk.read(m, o, s)
+        }
+        fn write(
+            &mut self,
+            m: &GuestRam,
+            o: u64,
+            s: &[crate::request::Segment],
+        ) -> std::io::Result<()> {
+            self.disk.write(m, o, s)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            self.disk.flush()
+        }
+        fn discard(&mut self, o: u64, l: u64) -> std::io::Result<()> {
+            self.disk.discard(o, l)
+        }
+        fn write_zeroes(&mut self, o: u64, l: u64, u: bool) -> std::io::Result<()> {
+            self.disk.write_zeroes(o, l, u)
+        }
+    }
+
+    #[test]
+    fn long_batches_notify_before_they_end() {
         let mem = ram();
         let q = MockSplitQueue::new(&mem, QSIZE);
         for first in [0u16, 3, 6] {
@@ -444,7 +459,8 @@ mod tests {
         let mut w = QueueWorker::new(
             0,
             RequestHandler::new(geometry(false)),
-            Slow(FakeDisk::new()),
+            // A disk whose reads take longer than `MAX_NOTIFY_DELAY`.
+            OnRead::new((), |(), _| std::thread::sleep(MAX_NOTIFY_DELAY * 2)),
         );
         let mut seen_used = Vec::new();
         let sent = w
@@ -479,36 +495,6 @@ mod tests {
     fn kicks_are_suppressed_while_a_batch_runs() {
         // Without EVENT_IDX, NO_NOTIFY is set during processing: observe it through a disk
         // that reads the used flags when called.
-        #[derive(Debug)]
-        struct Probe(FakeDisk, GuestAddress, Vec<u16>);
-        impl Disk for Probe {
-            fn read(
-                &mut self,
-                m: &GuestRam,
-                o: u64,
-                s: &[crate::request::Segment],
-            ) -> std::io::Result<()> {
-                self.2.push(m.read_obj(self.1).unwrap());
-                self.0.read(m, o, s)
-            }
-            fn write(
-                &mut self,
-                m: &GuestRam,
-                o: u64,
-                s: &[crate::request::Segment],
-            ) -> std::io::Result<()> {
-                self.0.write(m, o, s)
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                self.0.flush()
-            }
-            fn discard(&mut self, o: u64, l: u64) -> std::io::Result<()> {
-                self.0.discard(o, l)
-            }
-            fn write_zeroes(&mut self, o: u64, l: u64, u: bool) -> std::io::Result<()> {
-                self.0.write_zeroes(o, l, u)
-            }
-        }
         let mem = ram();
         let q = MockSplitQueue::new(&mem, QSIZE);
         header_of(&q, &mem, 0, VIRTIO_BLK_T_IN, 0);
@@ -517,11 +503,13 @@ mod tests {
         let mut w = QueueWorker::new(
             0,
             RequestHandler::new(geometry(false)),
-            Probe(FakeDisk::new(), q.used_addr(), Vec::new()),
+            OnRead::new((q.used_addr(), Vec::<u16>::new()), |(used, seen), m| {
+                seen.push(m.read_obj(*used).unwrap());
+            }),
         );
         assert_eq!(w.process(&mut queue, &mem, &mut || ()).unwrap(), 1);
         assert_eq!(
-            w.disk().2,
+            w.disk().state.1,
             vec![u16::try_from(VRING_USED_F_NO_NOTIFY).unwrap()]
         );
         assert_eq!(mem.read_obj::<u16>(q.used_addr()).unwrap(), 0);
