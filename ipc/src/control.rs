@@ -28,7 +28,9 @@ pub enum LauncherToCore {
     /// 5. the console: a connected `SOCK_STREAM` socket whose other end the launcher pumps to
     ///    its own stdin/stdout, so the core never touches the user's terminal;
     /// 6. one connected vhost-user socket per entry of [`VmConfig::disks`], in order; the
-    ///    launcher connected it to the listening socket it owns and gave the device process.
+    ///    launcher connected it to the listening socket it owns and gave the device process;
+    /// 7. one connected vhost-user socket per entry of [`VmConfig::nets`], in order, made the
+    ///    same way (the tap descriptors go to the net device process, never to the core).
     Start(VmConfig),
     /// Stop the VM now (the launcher got SIGINT/SIGTERM); the core answers with
     /// [`CoreToLauncher::Exited`] carrying [`ExitReason::Stopped`].
@@ -48,6 +50,22 @@ pub struct VmConfig {
     pub has_initramfs: bool,
     /// vhost-user block devices, in PCI slot order.
     pub disks: Vec<DiskConfig>,
+    /// vhost-user network cards, in PCI slot order after the disks.
+    pub nets: Vec<NetConfig>,
+}
+
+/// A virtio-net device whose receive and transmit queues run in a vhost-user backend; the core
+/// serves its config space and control queue.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetConfig {
+    /// Name used in logs (for example `net0`).
+    pub id: String,
+    /// The MAC address the guest sees.
+    pub mac: [u8; 6],
+    /// Receive/transmit queue pairs (the backend runs twice as many queues).
+    pub queue_pairs: u16,
+    /// The MTU to advertise (`VIRTIO_NET_F_MTU`), normally the tap's.
+    pub mtu: Option<u16>,
 }
 
 /// A virtio-blk device whose backend is reached over vhost-user.
@@ -128,6 +146,12 @@ mod tests {
             disks: vec![DiskConfig {
                 id: "disk0".into(),
                 queues: 1,
+            }],
+            nets: vec![NetConfig {
+                id: "net0".into(),
+                mac: [0x52, 0x54, 0, 0x12, 0x34, 0x56],
+                queue_pairs: 2,
+                mtu: Some(1500),
             }],
         };
         launcher

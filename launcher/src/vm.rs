@@ -185,6 +185,7 @@ pub fn run(config: RunConfig) -> Result<Outcome, VmError> {
         cmdline: config.cmdline,
         has_initramfs: config.initramfs.is_some(),
         disks: disk_configs,
+        nets: Vec::new(),
     };
     // The order documented on `LauncherToCore::Start`.
     let mut fds: Vec<BorrowedFd<'_>> = vec![

@@ -48,6 +48,8 @@ pub enum VmError {
     Platform(#[from] platform::PlatformError),
     #[error(transparent)]
     Disk(#[from] crate::virtio::blk::BlkError),
+    #[error(transparent)]
+    Net(#[from] crate::virtio::net::NetError),
     #[error("cannot set up the VM's exit signal or threads")]
     Os(#[source] std::io::Error),
     #[error("cannot install the vCPU kick signal handler: {0}")]
@@ -62,12 +64,13 @@ pub struct StartFds {
     pub initramfs: Option<File>,
     pub console: UnixStream,
     pub disks: Vec<UnixStream>,
+    pub nets: Vec<UnixStream>,
 }
 
 impl StartFds {
     /// Splits the attached descriptors according to `cfg`.
     pub fn parse(cfg: &VmConfig, fds: Vec<OwnedFd>) -> Result<Self, VmError> {
-        let want = 4 + usize::from(cfg.has_initramfs) + cfg.disks.len();
+        let want = 4 + usize::from(cfg.has_initramfs) + cfg.disks.len() + cfg.nets.len();
         if fds.len() != want {
             return Err(VmError::FdCount {
                 got: fds.len(),
@@ -82,6 +85,7 @@ impl StartFds {
         let initramfs = cfg.has_initramfs.then(|| File::from(next()));
         let console = UnixStream::from(next());
         let disks = cfg.disks.iter().map(|_| UnixStream::from(next())).collect();
+        let nets = cfg.nets.iter().map(|_| UnixStream::from(next())).collect();
         Ok(Self {
             kvm,
             memfd,
@@ -89,6 +93,7 @@ impl StartFds {
             initramfs,
             console,
             disks,
+            nets,
         })
     }
 }
@@ -160,7 +165,8 @@ pub fn run(cfg: &VmConfig, mut fds: StartFds, chan: &CoreChannel) -> Result<Exit
     let pio = Arc::new(Bus::new());
     let mmio = Arc::new(Bus::new());
     let platform = platform::Platform::attach(&vm, &pio, &mmio, &exit, fds.console)?;
-    // One GSI router owns KVM's routing table; one virtio-blk PCI device per disk socket.
+    // One GSI router owns KVM's routing table; one virtio-blk PCI device per disk socket, then
+    // one virtio-net PCI device per NIC socket.
     let gsi_router = Arc::new(crate::irq_routing::GsiRouter::new(vm.clone()));
     let _disks = crate::virtio::blk::attach_disks(
         vm.clone(),
@@ -169,6 +175,14 @@ pub fn run(cfg: &VmConfig, mut fds: StartFds, chan: &CoreChannel) -> Result<Exit
         &platform.pci,
         &cfg.disks,
         fds.disks,
+    )?;
+    let _nics = crate::virtio::net::attach_nics(
+        vm.clone(),
+        &gsi_router,
+        &mem,
+        &platform.pci,
+        &cfg.nets,
+        fds.nets,
     )?;
 
     let cpuid = kvm

@@ -8,6 +8,7 @@
 //! - [`vhost_user`]: [`VhostUserDevice`](vhost_user::VhostUserDevice), a [`VirtioBackend`]
 //!   that drives a vhost-user backend process with the `vhost` crate's frontend.
 //! - [`blk`]: virtio-blk glue: one PCI device per disk socket.
+//! - [`net`]: virtio-net: data queues in a vhost-user backend, the control queue in the core.
 //!
 //! The transport talks to what runs the queues through [`VirtioBackend`] and to KVM through
 //! [`VmEventFds`] and [`GsiRouter`](crate::irq_routing::GsiRouter), so it is tested without
@@ -15,6 +16,7 @@
 
 pub mod blk;
 pub mod msix;
+pub mod net;
 pub mod pci;
 pub mod vhost_user;
 
@@ -80,6 +82,18 @@ pub trait VirtioBackend: Send {
     fn activate(&mut self, features: u64, queues: &[ActiveQueue<'_>]) -> Result<(), Self::Error>;
     /// Device reset: stop whatever [`activate`](Self::activate) started.
     fn reset(&mut self) -> Result<(), Self::Error>;
+
+    /// Whether the core itself runs queue `queue` (virtio-net's control queue): its notifies
+    /// then trap to the core (no ioeventfd) and arrive at [`queue_notify`](Self::queue_notify).
+    fn serves_queue(&self, _queue: usize) -> bool {
+        false
+    }
+
+    /// A guest notify of a queue [`serves_queue`](Self::serves_queue) claims, on the vCPU
+    /// thread that wrote it. Returns whether the config space changed.
+    fn queue_notify(&mut self, _queue: usize) -> bool {
+        false
+    }
 }
 
 /// The KVM eventfd plumbing of a transport: `VmFd`, or a recorder in tests.

@@ -400,10 +400,15 @@ impl<B: VirtioBackend> VirtioPciDevice<B> {
     fn register_ioevents(&mut self, bar: u64) -> Result<(), TransportError> {
         self.unregister_ioevents();
         for (queue, kick) in self.kicks.iter().enumerate() {
+            if self.backend.serves_queue(queue) {
+                continue;
+            }
             let addr = notify_address(bar, queue);
             if let Err(source) = self.vm.register_ioevent(kick, addr) {
                 for (q, k) in self.kicks.iter().enumerate().take(queue) {
-                    let _ = self.vm.unregister_ioevent(k, notify_address(bar, q));
+                    if !self.backend.serves_queue(q) {
+                        let _ = self.vm.unregister_ioevent(k, notify_address(bar, q));
+                    }
                 }
                 return Err(TransportError::Ioevent {
                     queue,
@@ -421,6 +426,9 @@ impl<B: VirtioBackend> VirtioPciDevice<B> {
             return;
         };
         for (queue, kick) in self.kicks.iter().enumerate() {
+            if self.backend.serves_queue(queue) {
+                continue;
+            }
             let addr = notify_address(bar, queue);
             if let Err(e) = self.vm.unregister_ioevent(kick, addr) {
                 tracing::warn!(device = %self.label, queue, addr, "cannot unregister a notify ioeventfd: {e}");
@@ -892,10 +900,20 @@ impl<B: VirtioBackend> PciDevice for VirtioPciDevice<B> {
             NOTIFY_OFFSET => {
                 // Notifies normally end in the ioeventfd; this is the path when they arrive
                 // through the PCI_CFG window or before the ioeventfds exist.
+                // The core's own queues (virtio-net's control queue) always come this way.
                 let q = within / u64::from(NOTIFY_OFF_MULTIPLIER);
-                if let Some(kick) = usize::try_from(q).ok().and_then(|q| self.kicks.get(q))
-                    && let Err(e) = kick.write(1)
-                {
+                let Some(q) = usize::try_from(q).ok().filter(|&q| q < self.kicks.len()) else {
+                    return;
+                };
+                if self.backend.serves_queue(q) {
+                    if self.backend_started
+                        && self.device_status & status::DEVICE_NEEDS_RESET == 0
+                        && self.backend.queue_notify(q)
+                    {
+                        // The driver's own command changed it: no config interrupt.
+                        self.config_generation = self.config_generation.wrapping_add(1);
+                    }
+                } else if let Err(e) = self.kicks[q].write(1) {
                     tracing::warn!(device = %self.label, queue = q, "cannot signal a kick: {e}");
                 }
             }

@@ -155,6 +155,9 @@ struct RunningQueue {
     config: QueueConfig,
     kick: EventFd,
     call: EventFd,
+    /// Whether the ring is enabled (SET_VRING_ENABLE 1). virtio-net starts with only its first
+    /// queue pair enabled and the driver enables the others through its control queue.
+    enabled: bool,
 }
 
 /// What DRIVER_OK started: replayed on reconnect.
@@ -448,7 +451,7 @@ impl VhostUserDevice {
                     .map_err(req("SET_VRING_CALL"))?;
                 fe.set_vring_kick(i, &q.kick)
                     .map_err(req("SET_VRING_KICK"))?;
-                fe.set_vring_enable(i, true)
+                fe.set_vring_enable(i, q.enabled)
                     .map_err(req("SET_VRING_ENABLE"))?;
             }
             Ok(())
@@ -518,6 +521,73 @@ impl VhostUserDevice {
         }
         tracing::debug!(device = %self.label, ?bases, "rings resumed at used.idx");
         Ok(())
+    }
+
+    /// DRIVER_OK with only the queues for which `enabled(index)` holds enabled; the others are
+    /// set up but stay disabled until [`set_queue_enabled`](Self::set_queue_enabled).
+    pub fn activate_with(
+        &mut self,
+        features: u64,
+        queues: &[ActiveQueue<'_>],
+        enabled: impl Fn(u16) -> bool,
+    ) -> Result<(), VhostUserError> {
+        let dup = |e: &EventFd| e.try_clone().map_err(VhostUserError::EventFd);
+        let running = Running {
+            features,
+            queues: queues
+                .iter()
+                .map(|q| {
+                    Ok(RunningQueue {
+                        config: q.config,
+                        kick: dup(q.kick)?,
+                        call: dup(q.call)?,
+                        enabled: enabled(q.config.index),
+                    })
+                })
+                .collect::<Result<_, VhostUserError>>()?,
+        };
+        if self.conn.is_none() {
+            tracing::warn!(device = %self.label, "backend not connected; the rings start when it reconnects");
+            self.running = Some(running);
+            return Ok(());
+        }
+        let zeros = vec![0u16; running.queues.len()];
+        let result = self.start(&running, &zeros);
+        // Kept for a reconnect unless the rings were refused before anything was sent (the
+        // backend then has nothing to stop).
+        if result.is_ok() || self.conn.is_none() {
+            self.running = Some(running);
+        }
+        result
+    }
+
+    /// Enables or disables started ring `index` (SET_VRING_ENABLE); remembered for a
+    /// reconnect. A ring that was not started is ignored.
+    pub fn set_queue_enabled(&mut self, index: u16, enabled: bool) -> Result<(), VhostUserError> {
+        let Some(q) = self
+            .running
+            .as_mut()
+            .and_then(|r| r.queues.iter_mut().find(|q| q.config.index == index))
+        else {
+            return Ok(());
+        };
+        if q.enabled == enabled {
+            return Ok(());
+        }
+        q.enabled = enabled;
+        let timeout = self.timeout;
+        let Some(Conn { fe, sock }) = self.conn.as_mut() else {
+            // Replayed by the reconnect.
+            return Ok(());
+        };
+        let result = with_deadline(sock, timeout, || {
+            fe.set_vring_enable(usize::from(index), enabled)
+                .map_err(req("SET_VRING_ENABLE"))
+        });
+        if let Err(e) = &result {
+            self.disconnect(e);
+        }
+        result
     }
 
     /// Stops the started rings and resets the backend (§1.3 "stop or guest reset").
@@ -598,33 +668,7 @@ impl VirtioBackend for VhostUserDevice {
         features: u64,
         queues: &[ActiveQueue<'_>],
     ) -> Result<(), VhostUserError> {
-        let dup = |e: &EventFd| e.try_clone().map_err(VhostUserError::EventFd);
-        let running = Running {
-            features,
-            queues: queues
-                .iter()
-                .map(|q| {
-                    Ok(RunningQueue {
-                        config: q.config,
-                        kick: dup(q.kick)?,
-                        call: dup(q.call)?,
-                    })
-                })
-                .collect::<Result<_, VhostUserError>>()?,
-        };
-        if self.conn.is_none() {
-            tracing::warn!(device = %self.label, "backend not connected; the rings start when it reconnects");
-            self.running = Some(running);
-            return Ok(());
-        }
-        let zeros = vec![0u16; running.queues.len()];
-        let result = self.start(&running, &zeros);
-        // Kept for a reconnect unless the rings were refused before anything was sent (the
-        // backend then has nothing to stop).
-        if result.is_ok() || self.conn.is_none() {
-            self.running = Some(running);
-        }
-        result
+        self.activate_with(features, queues, |_| true)
     }
 
     fn reset(&mut self) -> Result<(), VhostUserError> {

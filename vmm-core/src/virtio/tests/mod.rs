@@ -7,6 +7,7 @@
 //! - `kvm`: the same transport on a real KVM VM (routing table, irqfds, ioeventfds).
 
 mod kvm;
+mod net;
 mod transport;
 mod vhost_user;
 

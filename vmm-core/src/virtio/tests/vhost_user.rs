@@ -246,13 +246,22 @@ fn start_backend_with(
     protocol: VhostUserProtocolFeatures,
     config: Vec<u8>,
 ) -> (Backend, UnixStream) {
-    start_backend_full(protocol, config, None)
+    start_backend_full(protocol, config, None, 2)
+}
+
+/// A backend running `queues` queues, with no config space of its own (a net backend).
+pub(super) fn start_backend_queues(
+    protocol: VhostUserProtocolFeatures,
+    queues: usize,
+) -> (Backend, UnixStream) {
+    start_backend_full(protocol, Vec::new(), None, queues)
 }
 
 fn start_backend_full(
     protocol: VhostUserProtocolFeatures,
     config: Vec<u8>,
     stall_stop: Option<Arc<Stall>>,
+    queues: usize,
 ) -> (Backend, UnixStream) {
     static N: AtomicU32 = AtomicU32::new(0);
     let path = std::env::temp_dir().join(format!(
@@ -267,7 +276,7 @@ fn start_backend_full(
     let log = Arc::new(Mutex::new(Vec::new()));
     let backend = Arc::new(RwLock::new(TestBackend {
         mem: mem.clone(),
-        queues: 2,
+        queues,
         protocol,
         config,
         log: log.clone(),
@@ -779,7 +788,7 @@ fn reconnect_with_another_config_raises_a_config_change() {
 fn a_stuck_backend_cannot_hold_a_vcpu_past_the_deadline() {
     let mem = guest_ram();
     let stall = Some(Arc::new(Stall::default()));
-    let (backend, stream) = start_backend_full(all_protocol(), blk_config(), stall);
+    let (backend, stream) = start_backend_full(all_protocol(), blk_config(), stall, 2);
     // Setup runs with the usual deadline (a short one would fail it on a loaded machine).
     let dev = VhostUserDevice::connect(stream, params(1, WAIT), mem.clone()).unwrap();
     let mut r = rig(dev);
