@@ -17,3 +17,4 @@ pub mod guest_io;
 pub mod inherit;
 pub mod logging;
 pub mod spawn;
+pub mod tap;
