@@ -35,6 +35,19 @@ pub enum LauncherToCore {
     /// Stop the VM now (the launcher got SIGINT/SIGTERM); the core answers with
     /// [`CoreToLauncher::Exited`] carrying [`ExitReason::Stopped`].
     Shutdown,
+    /// The process behind `device` (a [`DiskConfig::id`] or [`NetConfig::id`]) died; a new
+    /// one is being started. The core drops the connection (notifies keep accumulating in the
+    /// kick eventfds) and shows a network card's link as down.
+    DeviceDown { device: String },
+    /// The process behind `device` died and was started again. Attached: one connected vhost-user socket, made like those of `Start`
+    /// (the launcher connected it to the listening socket it owns, which the new incarnation
+    /// accepts on). The core replays the device's setup on it and resumes its rings; it
+    /// answers with [`CoreToLauncher::Reconnected`].
+    Reconnect { device: String },
+    /// `device` exhausted its restart budget and will not come back: the core completes its
+    /// outstanding and future requests with errors (block: `VIRTIO_BLK_S_IOERR`; network:
+    /// transmitted frames dropped, link down), so the guest sees a failed device, not a hang.
+    DeviceFailed { device: String },
 }
 
 /// What the core needs to build the VM; every path was resolved by the launcher.
@@ -84,6 +97,12 @@ pub enum CoreToLauncher {
     Running,
     /// The VM has ended; the core exits right after sending this.
     Exited(ExitReason),
+    /// The answer to [`LauncherToCore::Reconnect`]: `error` is `None` when the device runs
+    /// again on the new connection.
+    Reconnected {
+        device: String,
+        error: Option<String>,
+    },
 }
 
 /// Why a VM ended.

@@ -13,6 +13,7 @@ Environment:
                       e.g. ATOLL_LOG=info or ATOLL_LOG=atoll=debug
   ATOLL_CORE_BIN      Path of the vmm-core binary (default: vmm-core next to the atoll binary)
   ATOLL_DEV_BLK_BIN   Path of the dev-blk binary (default: dev-blk next to the atoll binary)
+  ATOLL_DEV_NET_BIN   Path of the dev-net binary (default: dev-net next to the atoll binary)
   ATOLL_KVM_DEVICE    Path of the KVM device (default: /dev/kvm)
   XDG_RUNTIME_DIR     Where the private runtime directory for device sockets is created
                       (default: /tmp)
@@ -29,7 +30,8 @@ Exit status of `atoll run`:
 ///
 /// `atoll run` boots a Linux kernel in a VM whose serial console is connected to this
 /// terminal. The vCPUs and guest RAM live in a `vmm-core` process, each block device in its
-/// own `dev-blk` process; atoll opens every file they need and passes them descriptors.
+/// own `dev-blk` process, each network card in its own `dev-net` process; atoll opens every
+/// file and tap they need and passes them descriptors.
 #[derive(Debug, Parser)]
 #[command(name = "atoll", version, after_help = AFTER_HELP)]
 pub struct Cli {
@@ -99,4 +101,24 @@ pub struct RunArgs {
         value_name = "path=IMG[,readonly=on][,direct=on][,queues=N][,serial=ID]|socket=PATH[,queues=N]"
     )]
     pub disk: Vec<String>,
+
+    /// Add a virtio-net card on a tap device; repeatable.
+    ///
+    /// Each card is served by its own dev-net process. The guest sees the cards as eth0,
+    /// eth1, ... (PCI order, after the disks). Keys:
+    ///   tap=NAME     tap interface to use; atoll opens it (one queue per pair, with
+    ///                IFF_VNET_HDR), or creates it and sets it up when it does not exist and
+    ///                atoll has CAP_NET_ADMIN. A multi-queue card needs a tap created with
+    ///                `ip tuntap add NAME mode tap multi_queue`.
+    ///   fd=N         an open tap descriptor atoll inherited from a management layer (opened
+    ///                with IFF_TAP|IFF_NO_PI|IFF_VNET_HDR); one queue pair
+    ///   mac=MAC      the card's MAC address (default: a stable locally administered
+    ///                address derived from the card's index and tap)
+    ///   queues=N     receive/transmit queue pairs, 1 to 16 (default 1)
+    #[arg(
+        long,
+        verbatim_doc_comment,
+        value_name = "tap=NAME[,mac=MAC][,queues=N]|fd=N[,mac=MAC]"
+    )]
+    pub net: Vec<String>,
 }

@@ -57,6 +57,16 @@ pub enum ConfigError {
     DiskImage { value: String, reason: FileError },
     #[error("--disk {value}: {reason}")]
     DiskSocket { value: String, reason: SocketError },
+    #[error("--net {value}: {reason}")]
+    NetSpec {
+        value: String,
+        reason: crate::net::NetSpecError,
+    },
+    #[error("--net {value}: {reason}")]
+    Nic {
+        value: String,
+        reason: crate::net::NicError,
+    },
     #[error("{}: {reason}", path.display())]
     Kvm { path: PathBuf, reason: KvmError },
     #[error("cannot read the host's memory size from /proc/meminfo: {0}")]
@@ -582,6 +592,8 @@ pub struct RunConfig {
     /// The initramfs, open read-only.
     pub initramfs: Option<File>,
     pub disks: Vec<Disk>,
+    /// Network cards, their taps open.
+    pub nets: Vec<crate::net::Nic>,
     /// The KVM device, open read-write.
     pub kvm: File,
 }
@@ -604,6 +616,16 @@ impl RunConfig {
             .iter()
             .map(|value| {
                 DiskSpec::parse(value).map_err(|reason| ConfigError::DiskSpec {
+                    value: value.clone(),
+                    reason,
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let net_specs = args
+            .net
+            .iter()
+            .map(|value| {
+                crate::net::NetSpec::parse(value).map_err(|reason| ConfigError::NetSpec {
                     value: value.clone(),
                     reason,
                 })
@@ -658,6 +680,17 @@ impl RunConfig {
                 })
             })
             .collect::<Result<Vec<_>, ConfigError>>()?;
+        let nets = net_specs
+            .iter()
+            .zip(&args.net)
+            .enumerate()
+            .map(|(index, (spec, value))| {
+                crate::net::Nic::open(index, spec).map_err(|reason| ConfigError::Nic {
+                    value: value.clone(),
+                    reason,
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
 
         let kvm_err = |reason| ConfigError::Kvm {
             path: host.kvm_device.clone(),
@@ -680,6 +713,7 @@ impl RunConfig {
             kernel,
             initramfs,
             disks,
+            nets,
             kvm,
         })
     }

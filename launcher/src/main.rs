@@ -7,6 +7,8 @@
 mod cli;
 mod config;
 mod console;
+mod net;
+mod restart;
 mod supervisor;
 mod vm;
 

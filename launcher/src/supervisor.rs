@@ -13,10 +13,12 @@
 #![forbid(unsafe_code)]
 
 use crate::config::ImageDisk;
+use crate::net::Nic;
+use crate::restart::{Decision, RestartPolicy};
 use ipc::control::CORE_CONTROL_FD;
 use ipc::spawn::{Inherit, spawn_with_fds};
 use std::ffi::OsString;
-use std::fs::{DirBuilder, File};
+use std::fs::DirBuilder;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
@@ -27,9 +29,11 @@ use std::process::{Child, Command, ExitStatus};
 use std::thread;
 use std::time::{Duration, Instant};
 
-/// Descriptor numbers `dev-blk` finds its listening socket and its image at.
-pub const DEV_BLK_SOCKET_FD: i32 = 3;
-pub const DEV_BLK_IMAGE_FD: i32 = 4;
+/// Descriptor numbers a device process finds its listening socket and its resources at:
+/// the socket at 3, then its resources (dev-blk: the image; dev-net: one tap per queue pair)
+/// from 4 on.
+pub const DEVICE_SOCKET_FD: i32 = 3;
+pub const DEVICE_FIRST_RESOURCE_FD: i32 = 4;
 
 /// The longest path a UNIX socket address holds (`sun_path` minus the NUL).
 const MAX_SOCKET_PATH: usize = 107;
@@ -88,6 +92,11 @@ pub const VMM_CORE: HelperBinary = HelperBinary {
 pub const DEV_BLK: HelperBinary = HelperBinary {
     name: "dev-blk",
     env: "ATOLL_DEV_BLK_BIN",
+};
+/// The network-card backend.
+pub const DEV_NET: HelperBinary = HelperBinary {
+    name: "dev-net",
+    env: "ATOLL_DEV_NET_BIN",
 };
 
 impl HelperBinary {
@@ -230,7 +239,7 @@ impl ChildProcess {
 /// A device process and what it takes to start it (again).
 #[derive(Debug)]
 pub struct DeviceProcess {
-    /// `disk0`, `disk1`, ...
+    /// `disk0`, `net0`, ...
     id: String,
     kind: HelperBinary,
     program: PathBuf,
@@ -239,30 +248,35 @@ pub struct DeviceProcess {
     /// new incarnation accepts on the same socket.
     listener: UnixListener,
     socket_path: PathBuf,
-    /// The image, opened with the disk's mode.
-    image: File,
+    /// What the device serves, inherited from [`DEVICE_FIRST_RESOURCE_FD`] on: dev-blk's
+    /// image (opened with the disk's mode), dev-net's tap queues.
+    resources: Vec<OwnedFd>,
     process: Option<ChildProcess>,
+    policy: RestartPolicy,
+    /// When the dead process is due to be started again.
+    restart_at: Option<Instant>,
 }
 
 impl DeviceProcess {
-    /// Starts (or starts again) the device process with its socket at fd 3 and image at fd 4.
+    /// Starts (or starts again) the device process with its socket at
+    /// [`DEVICE_SOCKET_FD`] and its resources after it.
     pub fn spawn(&mut self) -> Result<(), SupervisorError> {
         let mut cmd = Command::new(&self.program);
         cmd.args(&self.args).process_group(0);
-        let child = spawn_with_fds(
-            &mut cmd,
-            &[
-                Inherit {
-                    fd: self.listener.as_fd(),
-                    target: DEV_BLK_SOCKET_FD,
-                },
-                Inherit {
-                    fd: self.image.as_fd(),
-                    target: DEV_BLK_IMAGE_FD,
-                },
-            ],
-        )
-        .map_err(|e| self.kind.spawn_error(&self.program, e))?;
+        let mut fds = vec![Inherit {
+            fd: self.listener.as_fd(),
+            target: DEVICE_SOCKET_FD,
+        }];
+        fds.extend(
+            (DEVICE_FIRST_RESOURCE_FD..)
+                .zip(&self.resources)
+                .map(|(target, fd)| Inherit {
+                    fd: fd.as_fd(),
+                    target,
+                }),
+        );
+        let child =
+            spawn_with_fds(&mut cmd, &fds).map_err(|e| self.kind.spawn_error(&self.program, e))?;
         tracing::info!(device = %self.id, pid = child.id(), "started {}", self.kind.name);
         self.process = Some(ChildProcess::new(child));
         Ok(())
@@ -281,9 +295,9 @@ impl DeviceProcess {
 pub fn dev_blk_args(disk: &ImageDisk) -> Vec<OsString> {
     let mut args: Vec<OsString> = vec![
         "--socket-fd".into(),
-        DEV_BLK_SOCKET_FD.to_string().into(),
+        DEVICE_SOCKET_FD.to_string().into(),
         "--image-fd".into(),
-        DEV_BLK_IMAGE_FD.to_string().into(),
+        DEVICE_FIRST_RESOURCE_FD.to_string().into(),
     ];
     if disk.spec.readonly {
         args.push("--readonly".into());
@@ -299,6 +313,22 @@ pub fn dev_blk_args(disk: &ImageDisk) -> Vec<OsString> {
     args
 }
 
+/// The arguments `dev-net` gets for `nic` (its taps at 4, 5, ...).
+pub fn dev_net_args(nic: &Nic) -> Vec<OsString> {
+    let mut args: Vec<OsString> = vec!["--socket-fd".into(), DEVICE_SOCKET_FD.to_string().into()];
+    for (fd, _) in (DEVICE_FIRST_RESOURCE_FD..).zip(&nic.taps) {
+        args.push("--tap-fd".into());
+        args.push(fd.to_string().into());
+    }
+    args.push("--mac".into());
+    args.push(nic.mac.to_string().into());
+    if let Some(mtu) = nic.mtu {
+        args.push("--mtu".into());
+        args.push(mtu.to_string().into());
+    }
+    args
+}
+
 /// A child that exited, as reported by [`Supervisor::reap`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Exited {
@@ -309,6 +339,8 @@ pub enum Exited {
         id: String,
         pid: u32,
         status: ExitStatus,
+        /// What the restart policy says about it.
+        decision: Decision,
     },
 }
 
@@ -335,11 +367,32 @@ impl Supervisor {
         disk: ImageDisk,
         program: &Path,
     ) -> Result<UnixStream, SupervisorError> {
+        let args = dev_blk_args(&disk);
+        self.start_device(disk.id, DEV_BLK, program, args, vec![disk.image.into()])
+    }
+
+    /// Starts the backend of `nic` on a new listening socket and returns a stream connected to
+    /// it, for the core.
+    pub fn start_nic(&mut self, nic: Nic, program: &Path) -> Result<UnixStream, SupervisorError> {
+        let args = dev_net_args(&nic);
+        tracing::info!(device = %nic.id, tap = %nic.ifname, mac = %nic.mac,
+            queue_pairs = nic.taps.len(), "starting dev-net");
+        self.start_device(nic.id, DEV_NET, program, args, nic.taps)
+    }
+
+    fn start_device(
+        &mut self,
+        id: String,
+        kind: HelperBinary,
+        program: &Path,
+        args: Vec<OsString>,
+        resources: Vec<OwnedFd>,
+    ) -> Result<UnixStream, SupervisorError> {
         let dir = match &mut self.runtime_dir {
             Some(dir) => dir,
             none => none.insert(RuntimeDir::create()?),
         };
-        let socket_path = dir.path().join(format!("{}.sock", disk.id));
+        let socket_path = dir.path().join(format!("{id}.sock"));
         if socket_path.as_os_str().len() > MAX_SOCKET_PATH {
             return Err(SupervisorError::SocketPathTooLong(socket_path));
         }
@@ -349,14 +402,16 @@ impl Supervisor {
                 source,
             })?;
         let mut device = DeviceProcess {
-            args: dev_blk_args(&disk),
-            id: disk.id,
-            kind: DEV_BLK,
+            args,
+            id,
+            kind,
             program: program.to_owned(),
             listener,
             socket_path,
-            image: disk.image,
+            resources,
             process: None,
+            policy: RestartPolicy::new(Instant::now()),
+            restart_at: None,
         };
         device.spawn()?;
         // The connection waits in the listener's backlog until the device accepts it.
@@ -397,19 +452,66 @@ impl Supervisor {
             };
             if let Some(status) = process.poll_exit() {
                 let pid = process.pid();
-                tracing::error!(
-                    "device {} ({} pid {pid}) exited: {status}",
-                    device.id,
-                    device.kind.name
-                );
+                let now = Instant::now();
+                let decision = device.policy.died(now);
+                match decision {
+                    Decision::RestartAt(at) => {
+                        tracing::error!(
+                            "device {} ({} pid {pid}) died: {status}; restarting it in {:?} (restart {} of {} allowed per {:?})",
+                            device.id,
+                            device.kind.name,
+                            at.saturating_duration_since(now),
+                            device.policy.count(),
+                            crate::restart::BUDGET,
+                            crate::restart::BUDGET_WINDOW,
+                        );
+                        device.restart_at = Some(at);
+                    }
+                    Decision::GiveUp => tracing::error!(
+                        "device {} ({} pid {pid}) died: {status}; it used up its restart budget ({} per {:?}) and is marked failed: the guest sees I/O errors on it",
+                        device.id,
+                        device.kind.name,
+                        crate::restart::BUDGET,
+                        crate::restart::BUDGET_WINDOW,
+                    ),
+                }
                 exited.push(Exited::Device {
                     id: device.id.clone(),
                     pid,
                     status,
+                    decision,
                 });
             }
         }
         exited
+    }
+
+    /// The earliest moment a dead device is due to be started again.
+    pub fn next_restart(&self) -> Option<Instant> {
+        self.devices.iter().filter_map(|d| d.restart_at).min()
+    }
+
+    /// Starts every dead device whose backoff has passed; returns, per device, a new stream
+    /// connected to its listening socket (for the core's `Reconnect`), or why it could not be
+    /// started (the next death check retries it).
+    pub fn restart_due(
+        &mut self,
+        now: Instant,
+    ) -> Vec<(String, Result<UnixStream, SupervisorError>)> {
+        let mut restarted = Vec::new();
+        for device in &mut self.devices {
+            if device.restart_at.is_none_or(|at| at > now) {
+                continue;
+            }
+            device.restart_at = None;
+            device.policy.restarted(now);
+            let result = device.spawn().and_then(|()| device.connect());
+            if let Err(e) = &result {
+                tracing::error!(device = %device.id, "cannot restart: {e}");
+            }
+            restarted.push((device.id.clone(), result));
+        }
+        restarted
     }
 
     /// Waits up to `timeout` for `vmm-core` to exit; `None` if it still runs (or never ran).
@@ -451,6 +553,7 @@ impl Drop for Supervisor {
 mod tests {
     use super::*;
     use crate::config::{DiskSpec, ImageSpec};
+    use std::fs::File;
 
     fn image_spec(text: &str) -> ImageSpec {
         match DiskSpec::parse(text).unwrap() {

@@ -5,10 +5,12 @@
 
 use crate::config::{Disk, RunConfig};
 use crate::console::{ConsoleError, ConsolePumps, RawTerminal};
-use crate::supervisor::{DEV_BLK, Supervisor, SupervisorError, VMM_CORE};
+use crate::restart::Decision;
+use crate::supervisor::{DEV_BLK, DEV_NET, Exited, Supervisor, SupervisorError, VMM_CORE};
 use ipc::channel::ChannelError;
 use ipc::control::{
-    CoreToLauncher, DiskConfig, ExitReason, LauncherChannel, LauncherToCore, VmConfig, exit_code,
+    CoreToLauncher, DiskConfig, ExitReason, LauncherChannel, LauncherToCore, NetConfig, VmConfig,
+    exit_code,
 };
 use memfd::{FileSeal, MemfdOptions};
 use signal_hook::consts::signal::{SIGCHLD, SIGHUP, SIGINT, SIGTERM};
@@ -128,12 +130,14 @@ pub fn create_guest_ram(bytes: u64) -> Result<memfd::Memfd, VmError> {
 pub fn run(config: RunConfig) -> Result<Outcome, VmError> {
     let core_bin = VMM_CORE.locate()?;
     let dev_blk_bin = DEV_BLK.locate()?;
+    let dev_net_bin = DEV_NET.locate()?;
     tracing::info!(
         kernel = %config.kernel_path.display(),
         kind = ?config.kernel_kind,
         cpus = config.cpus,
         memory = config.memory_bytes,
         disks = config.disks.len(),
+        nics = config.nets.len(),
         "starting the VM"
     );
     let ram = create_guest_ram(config.memory_bytes)?;
@@ -177,6 +181,17 @@ pub fn run(config: RunConfig) -> Result<Outcome, VmError> {
             }
         });
     }
+    let mut net_configs = Vec::with_capacity(config.nets.len());
+    let mut net_streams = Vec::with_capacity(config.nets.len());
+    for nic in config.nets {
+        net_configs.push(NetConfig {
+            id: nic.id.clone(),
+            mac: nic.mac.0,
+            queue_pairs: nic.queue_pairs(),
+            mtu: nic.mtu,
+        });
+        net_streams.push(supervisor.start_nic(nic, &dev_net_bin)?);
+    }
     let core_pid = supervisor.start_core(&core_bin, control_core)?;
 
     let vm_config = VmConfig {
@@ -185,7 +200,7 @@ pub fn run(config: RunConfig) -> Result<Outcome, VmError> {
         cmdline: config.cmdline,
         has_initramfs: config.initramfs.is_some(),
         disks: disk_configs,
-        nets: Vec::new(),
+        nets: net_configs,
     };
     // The order documented on `LauncherToCore::Start`.
     let mut fds: Vec<BorrowedFd<'_>> = vec![
@@ -196,6 +211,7 @@ pub fn run(config: RunConfig) -> Result<Outcome, VmError> {
     fds.extend(config.initramfs.as_ref().map(AsFd::as_fd));
     fds.push(console_core.as_fd());
     fds.extend(disk_streams.iter().map(AsFd::as_fd));
+    fds.extend(net_streams.iter().map(AsFd::as_fd));
     tracing::debug!(?vm_config, fds = fds.len(), "sending Start");
     if let Err(e) = control.send(&LauncherToCore::Start(vm_config), &fds) {
         // Most likely the core died at once; if so, report how.
@@ -208,7 +224,7 @@ pub fn run(config: RunConfig) -> Result<Outcome, VmError> {
     // the kernel or the core's ends of the console and device connections.
     drop(fds);
     drop((ram, config.kvm, config.kernel, config.initramfs));
-    drop((console_core, disk_streams));
+    drop((console_core, disk_streams, net_streams));
 
     let control = Arc::new(control);
     let reader = Arc::clone(&control);
@@ -218,7 +234,7 @@ pub fn run(config: RunConfig) -> Result<Outcome, VmError> {
         .spawn(move || {
             loop {
                 let msg = reader.recv().map(|(msg, _fds)| msg);
-                let last = !matches!(msg, Ok(CoreToLauncher::Running));
+                let last = matches!(msg, Ok(CoreToLauncher::Exited(_)) | Err(_));
                 if tx.send(Event::Core(msg)).is_err() || last {
                     break;
                 }
@@ -244,6 +260,20 @@ pub fn run(config: RunConfig) -> Result<Outcome, VmError> {
     Ok(outcome)
 }
 
+/// Starts the dead devices whose backoff has passed and hands the core a connection to each.
+fn restart_devices(supervisor: &mut Supervisor, control: &LauncherChannel) {
+    for (id, result) in supervisor.restart_due(Instant::now()) {
+        let msg = match &result {
+            Ok(_) => LauncherToCore::Reconnect { device: id },
+            Err(_) => LauncherToCore::DeviceFailed { device: id },
+        };
+        let fds: Vec<BorrowedFd<'_>> = result.as_ref().map(|s| vec![s.as_fd()]).unwrap_or_default();
+        if let Err(e) = control.send(&msg, &fds) {
+            tracing::warn!("cannot send {msg:?} to vmm-core: {e}");
+        }
+    }
+}
+
 /// The main loop: waits for the core to report the end of the VM, handling signals and
 /// children's deaths meanwhile.
 fn wait_for_end(
@@ -255,12 +285,21 @@ fn wait_for_end(
     // When the user asked to stop; the core then has STOP_TIMEOUT to confirm.
     let mut stop_requested: Option<Instant> = None;
     loop {
-        let event = match stop_requested {
+        let restart = supervisor.next_restart();
+        let deadline = [stop_requested.map(|at| at + STOP_TIMEOUT), restart]
+            .into_iter()
+            .flatten()
+            .min();
+        let event = match deadline {
             None => events.recv().map_err(|_| RecvTimeoutError::Disconnected),
-            Some(at) => {
-                events.recv_timeout((at + STOP_TIMEOUT).saturating_duration_since(Instant::now()))
-            }
+            Some(at) => events.recv_timeout(at.saturating_duration_since(Instant::now())),
         };
+        if matches!(event, Err(RecvTimeoutError::Timeout))
+            && stop_requested.is_none_or(|at| at + STOP_TIMEOUT > Instant::now())
+        {
+            restart_devices(supervisor, control);
+            continue;
+        }
         let event = match event {
             Ok(event) => event,
             Err(RecvTimeoutError::Timeout) => {
@@ -281,6 +320,12 @@ fn wait_for_end(
             Event::Core(Ok(CoreToLauncher::Running)) => {
                 tracing::info!(pid = core_pid, "the VM is running");
             }
+            Event::Core(Ok(CoreToLauncher::Reconnected { device, error })) => match error {
+                None => tracing::info!(%device, "the restarted device is serving the guest again"),
+                Some(e) => {
+                    tracing::error!(%device, "vmm-core could not reconnect the restarted device: {e}");
+                }
+            },
             Event::Core(Ok(CoreToLauncher::Exited(reason))) => {
                 tracing::info!(?reason, "the VM ended");
                 if supervisor.wait_core(EXIT_TIMEOUT).is_none() {
@@ -309,7 +354,19 @@ fn wait_for_end(
             Event::Signal(SIGCHLD) => {
                 // Device deaths are logged by the supervisor. The core's end is reported
                 // through the control channel (its last message may still be in flight).
-                supervisor.reap();
+                for exited in supervisor.reap() {
+                    let Exited::Device { id, decision, .. } = exited else {
+                        continue;
+                    };
+                    let msg = match decision {
+                        Decision::RestartAt(_) => LauncherToCore::DeviceDown { device: id },
+                        Decision::GiveUp => LauncherToCore::DeviceFailed { device: id },
+                    };
+                    if let Err(e) = control.send(&msg, &[]) {
+                        tracing::warn!("cannot tell vmm-core about the device: {e}");
+                    }
+                }
+                restart_devices(supervisor, control);
             }
             Event::Signal(_) | Event::ConsoleQuit => {
                 if let Some(first) = stop_requested {

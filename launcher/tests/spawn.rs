@@ -424,7 +424,7 @@ fn an_external_backend_alone_starts_no_dev_blk() {
 }
 
 #[test]
-fn a_dying_disk_backend_is_logged_with_device_pid_and_status() {
+fn a_dying_disk_backend_is_logged_with_device_pid_and_status_and_restarted() {
     let s = Setup::new("blkdies");
     let img = s.dir.file("a.img", &[0u8; 4096]);
     let dev_blk = s.dir.script("dev-blk", "exit 7\n");
@@ -433,12 +433,33 @@ fn a_dying_disk_backend_is_logged_with_device_pid_and_status() {
         s.command("stop", &["--disk", &disk])
             .env("ATOLL_DEV_BLK_BIN", &dev_blk),
     );
-    let line = rx
-        .recv_timeout(Duration::from_secs(20))
-        .expect("a log line about the device");
-    assert!(line.starts_with("atoll: "), "{line}");
-    assert!(line.contains("device disk0 (dev-blk pid "), "{line}");
-    assert!(line.ends_with("exited: exit status: 7"), "{line}");
+    // Each death is logged and the device started again, with a new pid and a growing
+    // backoff.
+    let mut pids = Vec::new();
+    for backoff in ["5ms", "10ms"] {
+        let line = loop {
+            let line = rx
+                .recv_timeout(Duration::from_secs(20))
+                .expect("a log line about the device");
+            if line.contains("device disk0") {
+                break line;
+            }
+        };
+        assert!(line.starts_with("atoll: "), "{line}");
+        let pid = line
+            .split_once("device disk0 (dev-blk pid ")
+            .and_then(|(_, rest)| rest.split_once(')'))
+            .map(|(pid, _)| pid.to_owned())
+            .unwrap_or_else(|| panic!("no device and pid in {line}"));
+        assert!(
+            line.contains(&format!(
+                "died: exit status: 7; restarting it in {backoff} (restart "
+            )),
+            "{line}"
+        );
+        pids.push(pid);
+    }
+    assert_ne!(pids[0], pids[1], "the restarted device is a new process");
     signal(&child, nix::sys::signal::Signal::SIGTERM);
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(130), "{}", rest(&rx));

@@ -34,6 +34,8 @@ pub const L1_MODULES: &[&str] = &[
     "9pnet_virtio",
     "9p",
     "overlay",
+    // Tap devices for the L2 guests' network cards.
+    "tun",
 ];
 
 /// The modules of the standard L2 facts guest: pvpanic through ACPI `QEMU0001`.

@@ -32,6 +32,7 @@ pub mod kernel;
 pub mod l1;
 pub mod l2;
 pub mod modules;
+pub mod net;
 pub mod paths;
 
 use std::path::{Path, PathBuf};

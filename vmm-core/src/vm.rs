@@ -4,6 +4,7 @@ use crate::bus::Bus;
 use crate::exit::ExitSignal;
 use crate::memory::{self, GuestMemoryMmap};
 use crate::vcpu::{self, VcpuContext};
+use crate::virtio::DeviceRequest;
 use crate::{acpi, boot, cpu, platform};
 use ipc::control::{CoreChannel, CoreToLauncher, ExitReason, LauncherToCore, VmConfig};
 use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config};
@@ -168,7 +169,7 @@ pub fn run(cfg: &VmConfig, mut fds: StartFds, chan: &CoreChannel) -> Result<Exit
     // One GSI router owns KVM's routing table; one virtio-blk PCI device per disk socket, then
     // one virtio-net PCI device per NIC socket.
     let gsi_router = Arc::new(crate::irq_routing::GsiRouter::new(vm.clone()));
-    let _disks = crate::virtio::blk::attach_disks(
+    let disks = crate::virtio::blk::attach_disks(
         vm.clone(),
         &gsi_router,
         &mem,
@@ -176,7 +177,7 @@ pub fn run(cfg: &VmConfig, mut fds: StartFds, chan: &CoreChannel) -> Result<Exit
         &cfg.disks,
         fds.disks,
     )?;
-    let _nics = crate::virtio::net::attach_nics(
+    let nics = crate::virtio::net::attach_nics(
         vm.clone(),
         &gsi_router,
         &mem,
@@ -222,14 +223,18 @@ pub fn run(cfg: &VmConfig, mut fds: StartFds, chan: &CoreChannel) -> Result<Exit
             "cannot report to the launcher: {e}"
         )));
     }
-    wait_for_exit(&exit, chan);
+    let devices = crate::virtio::Devices::new(
+        cfg.disks.iter().map(|d| d.id.clone()).zip(disks),
+        cfg.nets.iter().map(|n| n.id.clone()).zip(nics),
+    );
+    wait_for_exit(&exit, chan, &devices);
     vcpu::stop_all(handles);
     Ok(exit.reason().unwrap_or(ExitReason::Stopped))
 }
 
 /// Blocks until a device or vCPU requests the exit, or the launcher asks for a stop (or goes
 /// away).
-fn wait_for_exit(exit: &ExitSignal, chan: &CoreChannel) {
+fn wait_for_exit(exit: &ExitSignal, chan: &CoreChannel, devices: &crate::virtio::Devices) {
     let mut chan_open = true;
     while !exit.is_set() {
         let mut fds = vec![PollFd::new(exit.as_fd(), PollFlags::POLLIN)];
@@ -251,6 +256,35 @@ fn wait_for_exit(exit: &ExitSignal, chan: &CoreChannel) {
         if chan_ready {
             match chan.recv() {
                 Ok((LauncherToCore::Shutdown, _)) => exit.request(ExitReason::Stopped),
+                Ok((LauncherToCore::DeviceDown { device }, _)) => {
+                    if let Err(e) = devices.handle(&device, DeviceRequest::Down) {
+                        tracing::warn!("DeviceDown: {e}");
+                    }
+                }
+                Ok((LauncherToCore::DeviceFailed { device }, _)) => {
+                    if let Err(e) = devices.handle(&device, DeviceRequest::Fail) {
+                        tracing::warn!("DeviceFailed: {e}");
+                    }
+                }
+                Ok((LauncherToCore::Reconnect { device }, fds)) => {
+                    let error = match <[OwnedFd; 1]>::try_from(fds) {
+                        Ok([fd]) => devices
+                            .handle(&device, DeviceRequest::Reconnect(UnixStream::from(fd)))
+                            .err(),
+                        Err(fds) => Some(format!(
+                            "Reconnect carries {} descriptors, expected 1",
+                            fds.len()
+                        )),
+                    };
+                    match &error {
+                        None => tracing::info!(%device, "backend reconnected"),
+                        Some(e) => tracing::error!(%device, "cannot reconnect the backend: {e}"),
+                    }
+                    let reply = CoreToLauncher::Reconnected { device, error };
+                    if let Err(e) = chan.send(&reply, &[]) {
+                        tracing::warn!("cannot answer the launcher: {e}");
+                    }
+                }
                 Ok((other, _)) => tracing::warn!("ignoring unexpected control message {other:?}"),
                 Err(e) => {
                     tracing::warn!("control channel failed ({e}); stopping the VM");

@@ -15,6 +15,7 @@
 //! either.
 
 pub mod blk;
+pub mod failed;
 pub mod msix;
 pub mod net;
 pub mod pci;
@@ -118,5 +119,69 @@ impl VmEventFds for VmFd {
     }
     fn unregister_irqfd(&self, evt: &EventFd, gsi: u32) -> Result<(), kvm_ioctls::Error> {
         VmFd::unregister_irqfd(self, evt, gsi)
+    }
+}
+
+/// The VM's vhost-user devices by id (`disk0`, `net0`, ...), for the launcher's restart
+/// messages (`ipc::control::LauncherToCore::{DeviceDown, Reconnect, DeviceFailed}`).
+#[derive(Default)]
+pub struct Devices {
+    blk: Vec<(String, blk::BlkDevice)>,
+    net: Vec<(String, net::NetPciDevice)>,
+}
+
+/// What the launcher can ask of a device.
+pub enum DeviceRequest {
+    Down,
+    Reconnect(std::os::unix::net::UnixStream),
+    Fail,
+}
+
+impl Devices {
+    pub fn new(
+        blk: impl IntoIterator<Item = (String, blk::BlkDevice)>,
+        net: impl IntoIterator<Item = (String, net::NetPciDevice)>,
+    ) -> Self {
+        Self {
+            blk: blk.into_iter().collect(),
+            net: net.into_iter().collect(),
+        }
+    }
+
+    /// Carries out `request` on device `id`; the error is a sentence for the launcher.
+    pub fn handle(&self, id: &str, request: DeviceRequest) -> Result<(), String> {
+        if let Some((_, dev)) = self.blk.iter().find(|(i, _)| i == id) {
+            let mut d = dev.lock().expect("virtio device lock poisoned");
+            return match request {
+                DeviceRequest::Down => {
+                    d.backend_down();
+                    Ok(())
+                }
+                DeviceRequest::Reconnect(stream) => d
+                    .reconnect_backend(stream)
+                    .map_err(|e| crate::error_chain(&e)),
+                DeviceRequest::Fail => {
+                    d.fail_backend();
+                    Ok(())
+                }
+            };
+        }
+        if let Some((_, dev)) = self.net.iter().find(|(i, _)| i == id) {
+            let mut d = dev.lock().expect("virtio device lock poisoned");
+            return match request {
+                DeviceRequest::Down => {
+                    d.backend_down();
+                    Ok(())
+                }
+                DeviceRequest::Reconnect(stream) => d
+                    .reconnect_backend(stream)
+                    .map_err(|e| crate::error_chain(&e)),
+                DeviceRequest::Fail => {
+                    d.fail_backend();
+                    Ok(())
+                }
+            };
+        }
+        Err(format!("no vhost-user device {id}"))
     }
 }

@@ -556,6 +556,47 @@ impl VirtioBackend for NetDevice {
 /// A NIC on the PCI bus.
 pub type NetPciDevice = Arc<Mutex<VirtioPciDevice<NetDevice>>>;
 
+impl NetDevice {
+    /// Sets the link status bit; returns whether it changed.
+    fn set_link(&mut self, up: bool) -> bool {
+        let bit = u16::try_from(vn::VIRTIO_NET_S_LINK_UP).expect("bit 0");
+        let old = u16::from_le_bytes([self.config[CONFIG_STATUS], self.config[CONFIG_STATUS + 1]]);
+        let new = if up { old | bit } else { old & !bit };
+        self.config[CONFIG_STATUS..CONFIG_STATUS + 2].copy_from_slice(&new.to_le_bytes());
+        old != new
+    }
+}
+
+impl VirtioPciDevice<NetDevice> {
+    /// The backend process died: drop its connection and show the link down.
+    pub fn backend_down(&mut self) {
+        self.backend_mut().backend.disconnect_quietly();
+        if self.backend_mut().set_link(false) {
+            self.notify_config_changed();
+        }
+    }
+
+    /// A new backend incarnation: replay the setup on `stream`, resume the rings (with the
+    /// queue pairs the driver enabled) and bring the link back up.
+    pub fn reconnect_backend(&mut self, stream: UnixStream) -> Result<(), VhostUserError> {
+        self.backend_mut().backend.reconnect(stream)?;
+        if self.backend_mut().set_link(true) {
+            self.notify_config_changed();
+        }
+        Ok(())
+    }
+
+    /// The backend will not come back: transmitted frames are dropped, the link stays down.
+    pub fn fail_backend(&mut self) {
+        self.backend_mut()
+            .backend
+            .fail(Arc::new(super::failed::NetDrop));
+        if self.backend_mut().set_link(false) {
+            self.notify_config_changed();
+        }
+    }
+}
+
 /// Creates one virtio-net PCI device per NIC: negotiates with its backend on the matching
 /// socket, builds the transport, plugs it into `pci` and registers its notify ioeventfds.
 pub fn attach_nics(

@@ -27,12 +27,13 @@
 
 #![forbid(unsafe_code)]
 
+use super::failed::{DrainedQueue, Drainer, FailPolicy};
 use super::pci::VirtioPciDevice;
 use super::{ActiveQueue, QueueConfig, VIRTIO_F_VERSION_1, VirtioBackend};
 use crate::memory::GuestMemoryMmap;
 use std::net::Shutdown;
 use std::os::unix::net::UnixStream;
-use std::sync::mpsc;
+use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 use vhost::vhost_user::message::{
     VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
@@ -57,6 +58,8 @@ pub fn wanted_protocol_features() -> VhostUserProtocolFeatures {
 }
 
 const PROTOCOL_FEATURES_BIT: u64 = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+/// `VIRTIO_RING_F_EVENT_IDX`.
+const VIRTIO_RING_F_EVENT_IDX: u32 = 29;
 
 /// Errors of the vhost-user frontend.
 #[derive(Debug, thiserror::Error)]
@@ -243,6 +246,9 @@ pub struct VhostUserDevice {
     num_queues: usize,
     config: Vec<u8>,
     running: Option<Running>,
+    /// Set when the backend will not come back: requests are failed by [`Drainer`].
+    failed: Option<Arc<dyn FailPolicy>>,
+    drainer: Option<Drainer>,
 }
 
 impl VhostUserDevice {
@@ -266,6 +272,8 @@ impl VhostUserDevice {
             num_queues: 0,
             config: Vec::new(),
             running: None,
+            failed: None,
+            drainer: None,
         };
         let n = dev.handshake(stream)?;
         dev.features = n.features;
@@ -349,10 +357,7 @@ impl VhostUserDevice {
     }
 
     /// Whether a backend is connected.
-    #[cfg_attr(
-        not(test),
-        expect(dead_code, reason = "the backend reconnect is not wired yet")
-    )]
+    #[cfg(test)]
     pub fn is_connected(&self) -> bool {
         self.conn.is_some()
     }
@@ -484,6 +489,8 @@ impl VhostUserDevice {
             });
         }
         let changed = n.config != self.config;
+        self.drainer = None;
+        self.failed = None;
         self.features = n.features;
         self.protocol = n.protocol;
         self.config = n.config;
@@ -546,6 +553,11 @@ impl VhostUserDevice {
                 })
                 .collect::<Result<_, VhostUserError>>()?,
         };
+        if self.failed.is_some() {
+            self.running = Some(running);
+            self.start_drainer();
+            return Ok(());
+        }
         if self.conn.is_none() {
             tracing::warn!(device = %self.label, "backend not connected; the rings start when it reconnects");
             self.running = Some(running);
@@ -559,6 +571,50 @@ impl VhostUserDevice {
             self.running = Some(running);
         }
         result
+    }
+
+    /// The launcher reports the backend process dead: drop the connection (the ring state
+    /// stays for [`reconnect`](Self::reconnect)).
+    pub fn disconnect_quietly(&mut self) {
+        if self.conn.take().is_some() {
+            tracing::warn!(device = %self.label, "backend process died; waiting for its restart");
+        }
+    }
+
+    /// The backend will not come back: from now on the core completes the guest's requests
+    /// as `policy` says (the outstanding ones too), until a device reset and beyond.
+    pub fn fail(&mut self, policy: Arc<dyn FailPolicy>) {
+        self.conn = None;
+        self.failed = Some(policy);
+        self.start_drainer();
+    }
+
+    fn start_drainer(&mut self) {
+        self.drainer = None;
+        let (Some(policy), Some(running)) = (self.failed.clone(), self.running.as_ref()) else {
+            return;
+        };
+        let queues = running
+            .queues
+            .iter()
+            .filter_map(|q| {
+                Some(DrainedQueue {
+                    config: q.config,
+                    kick: q.kick.try_clone().ok()?,
+                    call: q.call.try_clone().ok()?,
+                })
+            })
+            .collect();
+        let event_idx = running.features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
+        match Drainer::start(&self.label, self.mem.clone(), queues, event_idx, policy) {
+            Ok(d) => {
+                tracing::error!(device = %self.label, "backend gone for good: the device fails every request");
+                self.drainer = Some(d);
+            }
+            Err(e) => {
+                tracing::error!(device = %self.label, "cannot start failing the requests of the lost backend; they hang: {e}");
+            }
+        }
     }
 
     /// Enables or disables started ring `index` (SET_VRING_ENABLE); remembered for a
@@ -672,6 +728,7 @@ impl VirtioBackend for VhostUserDevice {
     }
 
     fn reset(&mut self) -> Result<(), VhostUserError> {
+        self.drainer = None;
         match self.running.take() {
             Some(running) => self.stop(&running),
             None => Ok(()),
@@ -680,12 +737,18 @@ impl VirtioBackend for VhostUserDevice {
 }
 
 impl VirtioPciDevice<VhostUserDevice> {
+    /// See [`VhostUserDevice::disconnect_quietly`].
+    pub fn backend_down(&mut self) {
+        self.backend_mut().disconnect_quietly();
+    }
+
+    /// The backend will not come back: requests fail with `VIRTIO_BLK_S_IOERR`.
+    pub fn fail_backend(&mut self) {
+        self.backend_mut().fail(Arc::new(super::failed::BlkIoError));
+    }
+
     /// Reconnects the backend ([`VhostUserDevice::reconnect`]) and tells the driver if the
     /// config space changed.
-    #[cfg_attr(
-        not(test),
-        expect(dead_code, reason = "the backend reconnect is not wired yet")
-    )]
     pub fn reconnect_backend(&mut self, stream: UnixStream) -> Result<(), VhostUserError> {
         if self.backend_mut().reconnect(stream)? {
             self.notify_config_changed();
