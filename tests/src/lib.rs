@@ -34,6 +34,7 @@ pub mod l2;
 pub mod modules;
 pub mod net;
 pub mod paths;
+pub mod restart;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

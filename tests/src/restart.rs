@@ -1,0 +1,161 @@
+//! Device restart under load (DESIGN.md §4): an L2 guest writes checksummed data to its disk
+//! and reads it back in a loop while L1 kills `dev-blk` with SIGKILL at random moments; the
+//! launcher restarts it, the core reconnects and replays the rings. The guest reports every
+//! round that did not verify and every I/O error its kernel logged.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use crate::cmd::shell_quote;
+use crate::initramfs::L2_PRELUDE;
+use crate::kernel::Kernel;
+use crate::l2::{self, L2Boot};
+
+/// The guest's modules.
+pub const GUEST_MODULES: &[&str] = &["virtio_pci", "virtio_blk", "pvpanic", "pvpanic-mmio"];
+
+/// Size of one round's chunk (the disk holds [`SLOTS`] of them).
+pub const CHUNK_KIB: u32 = 512;
+/// Chunks on the disk.
+pub const SLOTS: u32 = 16;
+
+/// The guest's `/init` body: prints `LOOP_START`, then for `testbed.secs` seconds writes a
+/// fresh random chunk to the next slot of `/dev/vda` with `conv=fsync`, drops the page
+/// cache, reads the slot back (O_DIRECT-free but uncached) and compares md5s. Reports
+/// `ROUNDS`, `BAD_ROUNDS` (slots whose read-back differed, or dd failures), `IO_ERRORS` (kernel
+/// log lines about I/O errors on vda) and `FIRST_BAD` (a description of the first failure).
+const GUEST_BODY: &str = r#"
+secs=$(cmdline_arg secs)
+fact LOOP_START "$(date +%s)"
+end=$(( $(date +%s) + ${secs:-30} ))
+rounds=0
+bad=0
+first_bad=
+slot=0
+while [ "$(date +%s)" -lt "$end" ]; do
+    dd if=/dev/urandom of=/tmp/chunk bs=1k count=__KIB__ 2>/dev/null
+    want=$(md5sum /tmp/chunk | cut -d' ' -f1)
+    if ! msg=$(dd if=/tmp/chunk of=/dev/vda bs=1k seek=$((slot * __KIB__)) conv=notrunc,fsync 2>&1); then
+        bad=$((bad + 1))
+        first_bad=${first_bad:-"write slot $slot: $msg"}
+    fi
+    echo 3 >/proc/sys/vm/drop_caches
+    got=$(dd if=/dev/vda bs=1k skip=$((slot * __KIB__)) count=__KIB__ 2>/dev/null | md5sum | cut -d' ' -f1)
+    if [ "$got" != "$want" ]; then
+        bad=$((bad + 1))
+        first_bad=${first_bad:-"slot $slot read back $got, wrote $want"}
+    fi
+    rounds=$((rounds + 1))
+    slot=$(( (slot + 1) % __SLOTS__ ))
+done
+fact ROUNDS "$rounds"
+fact BAD_ROUNDS "$bad"
+fact FIRST_BAD "$first_bad"
+fact IO_ERRORS "$(dmesg | grep -c -i -e 'I/O error' -e 'blk_update_request' -e 'Buffer I/O')"
+finish
+"#;
+
+/// The guest's whole `/init`.
+pub fn guest_init() -> String {
+    let body = GUEST_BODY
+        .replace("__KIB__", &CHUNK_KIB.to_string())
+        .replace("__SLOTS__", &SLOTS.to_string());
+    format!("{L2_PRELUDE}{body}")
+}
+
+/// The guest's kernel command line: loop for `secs` seconds.
+pub fn guest_cmdline(secs: u32) -> String {
+    format!("console=ttyS0 testbed.secs={secs}")
+}
+
+/// A POSIX shell script for L1: creates a zeroed disk image in L1's own `/tmp`, boots
+/// `boot` under atoll with it in the background, waits for the guest's `LOOP_START`, then
+/// `kills` times: waits a random 0.2 to 1.5 s, SIGKILLs the current `dev-blk` and waits for
+/// the launcher to start a new one (`<out>/kills` gets one line per kill: old pid, new pid).
+/// Then it waits for the boot to end.
+pub fn l1_script(boot: &L2Boot, kills: u32, kernel: &Kernel, atoll: &Path, out: &Path) -> String {
+    let mut script = l2::script_start(out);
+    let img = "$tmp/restart.img";
+    let _ = writeln!(
+        script,
+        "dd if=/dev/zero of={img} bs=1k count={} 2>/dev/null",
+        CHUNK_KIB * SLOTS
+    );
+    let mut command = boot.command(kernel, atoll);
+    command.push("--disk".to_owned());
+    command.push("path=IMAGE".to_owned());
+    let run = l2::run_command_line(boot, &command).replace("path=IMAGE", &format!("path={img}"));
+    let name = shell_quote(&boot.name);
+    let _ = write!(
+        script,
+        r#"{run_bg} &
+boot=$!
+i=0
+while [ $i -lt {secs} ] && ! grep -q LOOP_START "$tmp/"{name}.log 2>/dev/null; do
+    sleep 0.2
+    i=$((i + 1))
+done
+: >"$out/kills"
+k=0
+while [ $k -lt {kills} ] && kill -0 $boot 2>/dev/null; do
+    sleep "$(awk 'BEGIN {{ srand(); printf "%.2f", 0.2 + rand() * 1.3 }}')"
+    old=$(pgrep -x dev-blk | head -n 1)
+    [ -n "$old" ] || {{ sleep 0.05; continue; }}
+    kill -KILL "$old"
+    j=0
+    new=
+    while [ $j -lt 200 ]; do
+        new=$(pgrep -x dev-blk | grep -v "^$old$" | head -n 1)
+        [ -n "$new" ] && break
+        sleep 0.05
+        j=$((j + 1))
+    done
+    echo "$old $new" >>"$out/kills"
+    k=$((k + 1))
+done
+wait $boot
+"#,
+        run_bg = run.trim_end(),
+        secs = boot.timeout.as_secs() * 5,
+    );
+    script.push_str(l2::SCRIPT_END);
+    script
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::l2::Vmm;
+    use std::time::Duration;
+
+    #[test]
+    fn script_kills_after_the_loop_started_and_waits_for_the_boot() {
+        let boot = L2Boot {
+            name: "kills".into(),
+            vmm: Vmm::Atoll,
+            cpus: 1,
+            memory_mib: 256,
+            cmdline: guest_cmdline(40),
+            initramfs: "/w/r.cpio".into(),
+            timeout: Duration::from_secs(300),
+        };
+        let kernel = Kernel {
+            package: "linux-image-x".into(),
+            release: "x".into(),
+            vmlinuz: "/k/vmlinuz-x".into(),
+            modules_dir: "/k/lib/modules/x".into(),
+        };
+        let s = l1_script(
+            &boot,
+            20,
+            &kernel,
+            Path::new("/t/atoll"),
+            Path::new("/w/out"),
+        );
+        assert!(s.contains("--disk path=$tmp/restart.img &"), "{s}");
+        assert!(s.contains("while [ $k -lt 20 ]"));
+        assert!(s.find("LOOP_START") < s.find("kill -KILL"));
+        assert!(guest_init().contains("count=512"));
+        assert_eq!(guest_cmdline(40), "console=ttyS0 testbed.secs=40");
+    }
+}

@@ -1,0 +1,108 @@
+//! A device process killed again and again under guest I/O (issue: least privilege and
+//! supervision): in L1, a stock Debian guest writes random chunks to its disk with fsync and
+//! reads each back uncached, in a loop, while `dev-blk` is SIGKILLed 20 times at random
+//! moments. The launcher restarts it each time, the core reconnects and resumes the rings from
+//! the guest's `used.idx`: the guest sees no I/O error, every chunk verifies, and the VM runs
+//! on to its normal power-off. Needs `cargo build --release` first.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Result, ensure};
+use atoll_tests::Testbed;
+use atoll_tests::l2::{GuestEnd, L2Boot, L2Outcome, Vmm};
+use atoll_tests::paths;
+use atoll_tests::restart::{self, GUEST_MODULES};
+
+const KILLS: u32 = 20;
+/// How long the guest's write/verify loop runs: long enough for 20 kills at up to 1.5 s apart
+/// plus the restarts, on a loaded host.
+const LOOP_SECS: u32 = 60;
+const BOOT_TIMEOUT: Duration = Duration::from_secs(360);
+
+fn release_bin(name: &str) -> Result<PathBuf> {
+    let path = paths::release_bin(name);
+    ensure!(
+        path.is_file(),
+        "{} does not exist: these tests run after `cargo build --release --workspace`",
+        path.display()
+    );
+    Ok(path)
+}
+
+fn run_l1() -> Result<(L2Outcome, String)> {
+    let atoll = release_bin("atoll")?;
+    release_bin("vmm-core")?;
+    release_bin("dev-blk")?;
+    let testbed = Testbed::setup()?;
+    let work = testbed.work_dir("restart-l1")?;
+    let initramfs = work.join("restart.cpio");
+    testbed.write_l2_initramfs(&initramfs, GUEST_MODULES, &restart::guest_init())?;
+    let boot = L2Boot {
+        name: "blk-kills".into(),
+        vmm: Vmm::Atoll,
+        cpus: 1,
+        memory_mib: 256,
+        cmdline: restart::guest_cmdline(LOOP_SECS),
+        initramfs,
+        timeout: BOOT_TIMEOUT,
+    };
+    let out = work.join("l2");
+    let script = restart::l1_script(&boot, KILLS, &testbed.kernel, &atoll, &out);
+    let run = testbed.run_script(
+        &work,
+        &script,
+        BOOT_TIMEOUT + Duration::from_secs(120),
+        false,
+    )?;
+    ensure!(
+        run.status == 0,
+        "the L1 script failed with status {}; see {}",
+        run.status,
+        run.log.display()
+    );
+    let kills = std::fs::read_to_string(out.join("kills")).unwrap_or_default();
+    Ok((L2Outcome::read(&boot, &out), kills))
+}
+
+#[test]
+fn dev_blk_killed_20_times_under_io_loses_nothing() {
+    let (o, kills) = run_l1().unwrap_or_else(|e| panic!("the L1 session failed: {e:#}"));
+    let why = o.describe();
+    let done: Vec<&str> = kills.lines().collect();
+    assert_eq!(
+        done.len(),
+        usize::try_from(KILLS).unwrap(),
+        "kills done (old pid, new pid):\n{kills}\n{why}"
+    );
+    for line in &done {
+        let pids: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(
+            pids.len(),
+            2,
+            "dev-blk was not restarted after a kill: {line:?}\n{why}"
+        );
+    }
+    assert_eq!(o.fact("MODULES_FAILED"), Some(""), "{why}");
+    let rounds: u32 = o
+        .fact("ROUNDS")
+        .and_then(|r| r.parse().ok())
+        .unwrap_or_else(|| panic!("the guest's loop did not finish: {why}"));
+    assert!(rounds >= 10, "only {rounds} write/verify rounds ran: {why}");
+    assert_eq!(
+        o.fact("BAD_ROUNDS"),
+        Some("0"),
+        "first failure: {:?}\n{why}",
+        o.fact("FIRST_BAD")
+    );
+    assert_eq!(
+        o.fact("IO_ERRORS"),
+        Some("0"),
+        "I/O errors in the guest: {why}"
+    );
+    assert_eq!(
+        o.guest_end(),
+        GuestEnd::PowerOff,
+        "the VM must run on: {why}"
+    );
+}
