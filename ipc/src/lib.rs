@@ -8,6 +8,7 @@
 //! - [`spawn`]: starting a child as a fresh `exec` with an explicit list of inherited fds.
 //! - [`inherit`]: taking ownership of descriptors inherited across `exec`, each at most once.
 //! - [`guest_io`]: positioned vectored I/O between a file and guest memory.
+//! - [`sandbox`]: confinement of child processes (launcher side) and lockdown (process side).
 
 pub mod addr;
 pub mod channel;
@@ -16,5 +17,6 @@ pub mod fdpass;
 pub mod guest_io;
 pub mod inherit;
 pub mod logging;
+pub mod sandbox;
 pub mod spawn;
 pub mod tap;
