@@ -193,6 +193,7 @@ fn confine(
             SeccompReport::Kill { syscalls },
         )
     };
+    let no_new_privs = nix::sys::prctl::get_no_new_privs().unwrap_or(false);
     let fallback = policy.compile_clone3_fallback()?;
     let allow_list = policy.compile(action)?;
     // The fallback first: once the allow-list is on, seccomp() itself is not allowed.
@@ -206,7 +207,7 @@ fn confine(
         landlock,
         caps_dropped: true,
         bounding_caps_left,
-        no_new_privs: nix::sys::prctl::get_no_new_privs().unwrap_or(false),
+        no_new_privs,
         seccomp,
         open_fds,
         warnings,

@@ -141,7 +141,8 @@ impl Policy {
     ///   `pthread_kill`), `getpid`;
     /// - time: `clock_gettime`, `clock_nanosleep`, `nanosleep` (vDSO fallbacks, sleeps);
     /// - `getrandom` (hash-map seeds), `write` (logging to stderr, the confinement report),
-    ///   `close`, `exit_group`, `restart_syscall`.
+    ///   `close`, `fcntl(F_GETFD)` (debug builds check descriptors they close), `exit_group`,
+    ///   `restart_syscall`.
     pub fn runtime(name: impl Into<String>) -> Self {
         let own_pid = u64::from(std::process::id());
         Self::new(name)
@@ -180,6 +181,15 @@ impl Policy {
                     index: 0,
                     mask: CLONE_THREAD | CLONE_NEW_ANY,
                     value: CLONE_THREAD,
+                }],
+            )
+            // Rust's standard library checks, in debug builds, that a descriptor it closes is
+            // open (`OwnedFd`'s drop).
+            .allow_if(
+                libc::SYS_fcntl,
+                &[Arg::Eq32 {
+                    index: 1,
+                    value: libc::F_GETFD as u32,
                 }],
             )
             .allow_if(

@@ -463,7 +463,12 @@ impl ConfinedCommand {
             .filter(|(k, _)| !ours.iter().any(|o| k == o) && !overridden.contains(&k.as_os_str()))
             .map(|(k, v)| join_env(&k, &v))
             .collect();
-        envp.extend(self.env.iter().map(|(k, v)| join_env(k, v)));
+        envp.extend(
+            self.env
+                .iter()
+                .filter(|(k, _)| !ours.iter().any(|o| k == o))
+                .map(|(k, v)| join_env(k, v)),
+        );
         if let Some(v) = self.mode().env_value() {
             envp.push(join_env(OsStr::new(super::CONFINE_ENV), OsStr::new(v)));
         }
