@@ -7,8 +7,10 @@
 
 #![forbid(unsafe_code)]
 
+mod seccomp;
+
 use std::fs::{File, OpenOptions};
-use std::os::fd::{OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
@@ -132,7 +134,9 @@ fn main() -> anyhow::Result<()> {
     signals.add(Signal::SIGINT);
     signals.thread_block().context("blocking SIGTERM/SIGINT")?;
 
-    let image = Arc::new(RawImage::new(open_image(&cli)?, cli.readonly)?);
+    let image_file = open_image(&cli)?;
+    let image_fd = image_file.as_raw_fd();
+    let image = Arc::new(RawImage::new(image_file, cli.readonly)?);
     let serial = cli.serial.unwrap_or_else(|| {
         let (dev, ino) = image.identity();
         config::serial_from_identity(dev, ino)
@@ -152,6 +156,21 @@ fn main() -> anyhow::Result<()> {
         }
         (None, None) => bail!("either --socket-fd or --socket is required"),
     };
+    // Confinement (ipc::sandbox): from here on no path, no new socket, only the image and
+    // the listener; before any thread, as Landlock and capabilities are per thread.
+    let mut policy =
+        seccomp::policy(cli.socket.is_some()).expect_fds([image_fd, listener.as_raw_fd()]);
+    if let Some(dir) = cli.socket.as_deref().and_then(|p| p.parent()) {
+        // Standalone: the signal thread removes the socket it created.
+        let dir = if dir.as_os_str().is_empty() {
+            std::path::Path::new(".")
+        } else {
+            dir
+        };
+        policy = policy.allow_remove_beneath(dir);
+    }
+    let report = ipc::sandbox::lockdown(&policy).context("confining dev-blk")?;
+    info!("{report}");
     info!(
         capacity_sectors = geometry.capacity_sectors,
         readonly = geometry.readonly,

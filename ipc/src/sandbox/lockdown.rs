@@ -25,7 +25,7 @@
 //! 7. the report written to the launcher's report pipe, which is then closed.
 
 use super::Mode;
-use super::policy::{Policy, PolicyError};
+use super::policy::{Policy, PolicyError, Violation};
 use super::report::{LandlockReport, ProcessReport, RootView, SeccompReport};
 use crate::inherit::{InheritError, take_inherited_fd};
 use landlock::{
@@ -183,15 +183,9 @@ fn confine(
 
     let syscalls = u32::try_from(policy.syscall_count()).unwrap_or(u32::MAX);
     let (action, seccomp) = if mode.seccomp_logs() {
-        (
-            seccompiler::SeccompAction::Log,
-            SeccompReport::Log { syscalls },
-        )
+        (Violation::Log, SeccompReport::Log { syscalls })
     } else {
-        (
-            seccompiler::SeccompAction::KillProcess,
-            SeccompReport::Kill { syscalls },
-        )
+        (Violation::Kill, SeccompReport::Kill { syscalls })
     };
     let no_new_privs = nix::sys::prctl::get_no_new_privs().unwrap_or(false);
     let fallback = policy.compile_clone3_fallback()?;

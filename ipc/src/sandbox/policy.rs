@@ -86,6 +86,16 @@ impl Arg {
     }
 }
 
+/// What happens on a system call outside the allow-list.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Violation {
+    /// The kernel kills the process (`SIGSYS`, `SECCOMP_RET_KILL_PROCESS`).
+    Kill,
+    /// The kernel logs the call (audit record type 1326) and lets it run
+    /// (`SECCOMP_RET_LOG`).
+    Log,
+}
+
 /// When a listed system call is allowed.
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Allowed {
@@ -236,12 +246,17 @@ impl Policy {
         self
     }
 
-    /// Allows `ioctl` with each of `requests` (compared on the 32 bits the kernel reads).
-    pub fn allow_ioctls(mut self, requests: &[u32]) -> Self {
-        for &value in requests {
-            self = self.allow_if(libc::SYS_ioctl, &[Arg::Eq32 { index: 1, value }]);
+    /// Allows `syscall` when its argument `index` (its low 32 bits) is one of `values`.
+    pub fn allow_arg_values(mut self, syscall: i64, index: u8, values: &[u32]) -> Self {
+        for &value in values {
+            self = self.allow_if(syscall, &[Arg::Eq32 { index, value }]);
         }
         self
+    }
+
+    /// Allows `ioctl` with each of `requests` (compared on the 32 bits the kernel reads).
+    pub fn allow_ioctls(self, requests: &[u32]) -> Self {
+        self.allow_arg_values(libc::SYS_ioctl, 1, requests)
     }
 
     /// Descriptors (besides stdio) the process holds when it locks down: its inherited ones
@@ -291,7 +306,11 @@ impl Policy {
 
     /// The allow-list as a BPF program: listed calls are allowed, anything else gets
     /// `on_violation`.
-    pub fn compile(&self, on_violation: SeccompAction) -> Result<BpfProgram, PolicyError> {
+    pub fn compile(&self, on_violation: Violation) -> Result<BpfProgram, PolicyError> {
+        let on_violation = match on_violation {
+            Violation::Kill => SeccompAction::KillProcess,
+            Violation::Log => SeccompAction::Log,
+        };
         let mut rules = BTreeMap::new();
         for (&syscall, allowed) in &self.rules {
             let chain = match allowed {
@@ -385,8 +404,8 @@ mod tests {
         ] {
             assert!(!p.lists(nr), "{nr} is in the runtime policy");
         }
-        let kill = p.compile(SeccompAction::KillProcess).unwrap();
-        let log = p.compile(SeccompAction::Log).unwrap();
+        let kill = p.compile(Violation::Kill).unwrap();
+        let log = p.compile(Violation::Log).unwrap();
         assert_eq!(kill.len(), log.len());
         assert!(!p.compile_clone3_fallback().unwrap().is_empty());
     }
@@ -394,7 +413,7 @@ mod tests {
     #[test]
     fn bad_argument_index_names_the_syscall() {
         let p = Policy::new("t").allow_if(libc::SYS_ioctl, &[Arg::Eq { index: 9, value: 0 }]);
-        let err = p.compile(SeccompAction::KillProcess).unwrap_err();
+        let err = p.compile(Violation::Kill).unwrap_err();
         assert!(
             matches!(err, PolicyError::Condition { syscall, index: 9, .. } if syscall == libc::SYS_ioctl),
             "{err}"
