@@ -11,8 +11,10 @@ use std::time::{Duration, Instant};
 pub const FIRST_BACKOFF: Duration = Duration::from_millis(5);
 /// The longest backoff.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(1);
-/// A process that ran this long before dying starts the backoff over.
-pub const STABLE_AFTER: Duration = Duration::from_secs(10);
+/// A process that ran this long before dying starts the backoff over: only a device that
+/// dies right after its start (a crash loop) backs off further; one killed while serving
+/// comes back after [`FIRST_BACKOFF`].
+pub const STABLE_AFTER: Duration = Duration::from_millis(250);
 /// Restarts allowed per [`BUDGET_WINDOW`].
 pub const BUDGET: usize = 30;
 /// The window of the restart budget.

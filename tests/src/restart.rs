@@ -19,9 +19,10 @@ pub const CHUNK_KIB: u32 = 512;
 /// Chunks on the disk.
 pub const SLOTS: u32 = 16;
 
-/// The guest's `/init` body: prints `LOOP_START`, then for `testbed.secs` seconds writes a
-/// fresh random chunk to the next slot of `/dev/vda` with `conv=fsync`, drops the page
-/// cache, reads the slot back (O_DIRECT-free but uncached) and compares md5s. Reports
+/// The guest's `/init` body: prints `LOOP_START`, then until L1 writes `STOP` at the start of
+/// the control slot (the chunk after the [`SLOTS`] data slots), or `testbed.secs` seconds
+/// pass, writes a fresh random chunk to the next slot of `/dev/vda` with `conv=fsync`, drops
+/// the page cache, reads the slot back (uncached) and compares md5s. Reports
 /// `ROUNDS`, `BAD_ROUNDS` (slots whose read-back differed, or dd failures), `IO_ERRORS` (kernel
 /// log lines about I/O errors on vda) and `FIRST_BAD` (a description of the first failure).
 const GUEST_BODY: &str = r#"
@@ -32,7 +33,12 @@ rounds=0
 bad=0
 first_bad=
 slot=0
+stopped=no
 while [ "$(date +%s)" -lt "$end" ]; do
+    if [ "$(dd if=/dev/vda bs=1k skip=$((__SLOTS__ * __KIB__)) count=1 2>/dev/null | head -c 4)" = STOP ]; then
+        stopped=yes
+        break
+    fi
     dd if=/dev/urandom of=/tmp/chunk bs=1k count=__KIB__ 2>/dev/null
     want=$(md5sum /tmp/chunk | cut -d' ' -f1)
     if ! msg=$(dd if=/tmp/chunk of=/dev/vda bs=1k seek=$((slot * __KIB__)) conv=notrunc,fsync 2>&1); then
@@ -48,6 +54,7 @@ while [ "$(date +%s)" -lt "$end" ]; do
     rounds=$((rounds + 1))
     slot=$(( (slot + 1) % __SLOTS__ ))
 done
+fact STOPPED_BY_L1 "$stopped"
 fact ROUNDS "$rounds"
 fact BAD_ROUNDS "$bad"
 fact FIRST_BAD "$first_bad"
@@ -70,16 +77,17 @@ pub fn guest_cmdline(secs: u32) -> String {
 
 /// A POSIX shell script for L1: creates a zeroed disk image in L1's own `/tmp`, boots
 /// `boot` under atoll with it in the background, waits for the guest's `LOOP_START`, then
-/// `kills` times: waits a random 0.2 to 1.5 s, SIGKILLs the current `dev-blk` and waits for
+/// `kills` times: waits a random 0.3 to 1.5 s, SIGKILLs the current `dev-blk` and waits for
 /// the launcher to start a new one (`<out>/kills` gets one line per kill: old pid, new pid).
-/// Then it waits for the boot to end.
+/// Then it writes `STOP` into the control slot (see [`guest_init`]) and waits for the boot
+/// to end.
 pub fn l1_script(boot: &L2Boot, kills: u32, kernel: &Kernel, atoll: &Path, out: &Path) -> String {
     let mut script = l2::script_start(out);
     let img = "$tmp/restart.img";
     let _ = writeln!(
         script,
         "dd if=/dev/zero of={img} bs=1k count={} 2>/dev/null",
-        CHUNK_KIB * SLOTS
+        CHUNK_KIB * (SLOTS + 1)
     );
     let mut command = boot.command(kernel, atoll);
     command.push("--disk".to_owned());
@@ -98,7 +106,7 @@ done
 : >"$out/kills"
 k=0
 while [ $k -lt {kills} ] && kill -0 $boot 2>/dev/null; do
-    sleep "$(awk 'BEGIN {{ srand(); printf "%.2f", 0.2 + rand() * 1.3 }}')"
+    sleep "$(awk 'BEGIN {{ srand(); printf "%.2f", 0.3 + rand() * 1.2 }}')"
     old=$(pgrep -x dev-blk | head -n 1)
     [ -n "$old" ] || {{ sleep 0.05; continue; }}
     kill -KILL "$old"
@@ -113,8 +121,11 @@ while [ $k -lt {kills} ] && kill -0 $boot 2>/dev/null; do
     echo "$old $new" >>"$out/kills"
     k=$((k + 1))
 done
+sleep 2
+printf STOP | dd of={img} bs=1k seek={control} conv=notrunc 2>/dev/null
 wait $boot
 "#,
+        control = CHUNK_KIB * SLOTS,
         run_bg = run.trim_end(),
         secs = boot.timeout.as_secs() * 5,
     );
