@@ -14,12 +14,14 @@ mod irq_routing;
 mod layout;
 mod memory;
 mod platform;
+mod seccomp;
 mod vcpu;
 mod virtio;
 mod vm;
 
 use ipc::control::{CORE_CONTROL_FD, CoreChannel, CoreToLauncher, ExitReason, LauncherToCore};
 use ipc::inherit::{InheritError, take_inherited_fd};
+use std::os::fd::AsRawFd;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
@@ -46,20 +48,18 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // Confinement (ipc::sandbox): before the core reads Start, maps guest RAM or starts a
+    // thread, so everything that touches guest data runs under its seccomp allow-list.
+    let policy = seccomp::policy().expect_fds([control.as_raw_fd()]);
+    let confined = ipc::sandbox::lockdown(&policy);
     let chan = CoreChannel::from_fd(control);
 
-    let reason = match chan.recv() {
-        Ok((LauncherToCore::Start(cfg), fds)) => {
-            match vm::StartFds::parse(&cfg, fds).and_then(|fds| vm::run(&cfg, fds, &chan)) {
-                Ok(reason) => reason,
-                Err(e) => ExitReason::Internal(error_chain(&e)),
-            }
+    let reason = match confined {
+        Err(e) => ExitReason::Internal(format!("cannot confine vmm-core: {}", error_chain(&e))),
+        Ok(report) => {
+            tracing::info!("{report}");
+            run(&chan)
         }
-        Ok((other, _)) => ExitReason::Internal(format!("expected Start, got {other:?}")),
-        Err(e) => ExitReason::Internal(format!(
-            "cannot read the Start message: {}",
-            error_chain(&e)
-        )),
     };
     if let ExitReason::Internal(msg) = &reason {
         tracing::error!("{msg}");
@@ -70,6 +70,23 @@ fn main() -> ExitCode {
     match reason {
         ExitReason::Internal(_) => ExitCode::FAILURE,
         _ => ExitCode::SUCCESS,
+    }
+}
+
+/// Reads `Start`, runs the VM, and returns why it ended.
+fn run(chan: &CoreChannel) -> ExitReason {
+    match chan.recv() {
+        Ok((LauncherToCore::Start(cfg), fds)) => {
+            match vm::StartFds::parse(&cfg, fds).and_then(|fds| vm::run(&cfg, fds, chan)) {
+                Ok(reason) => reason,
+                Err(e) => ExitReason::Internal(error_chain(&e)),
+            }
+        }
+        Ok((other, _)) => ExitReason::Internal(format!("expected Start, got {other:?}")),
+        Err(e) => ExitReason::Internal(format!(
+            "cannot read the Start message: {}",
+            error_chain(&e)
+        )),
     }
 }
 
