@@ -9,7 +9,7 @@ use std::fs::File;
 use std::io;
 use std::sync::{Arc, Mutex, Weak};
 
-use tracing::{debug, warn};
+use tracing::{debug, trace, warn};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{
     VhostUserBackend, VringEpollHandler, VringRwLock, VringState, VringStateGuard,
@@ -271,7 +271,10 @@ impl NetBackend {
         };
         // After the ring and worker locks are released: the gate takes its own lock.
         match state {
-            Ok(state) => pair.set_paused(state == RxState::Paused),
+            Ok(state) => {
+                trace!(pair = pair.index(), ?state, "receive");
+                pair.set_paused(state == RxState::Paused);
+            }
             Err(e) => {
                 warn!("{e}: {}", source_text(&e));
                 pair.set_paused(true);
@@ -395,6 +398,7 @@ impl VhostUserBackend for NetBackend {
             warn!(device_event, thread_id, "event for an unknown queue pair");
             return Ok(());
         };
+        trace!(pair = pair.index(), device_event, "event");
         rx.link_to(pair);
         let mem = self.mem.memory();
         match device_event {

@@ -9,7 +9,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::sync::{Mutex, MutexGuard};
 
 use ipc::tap::TapError;
-use tracing::warn;
+use tracing::{trace, warn};
 use vm_memory::VolatileSlice;
 
 use crate::gate::{Gate, TapControl};
@@ -100,6 +100,12 @@ impl Pair {
         if let Err(e) = f(&mut slot.gate, &mut ctl) {
             warn!(pair = self.index, "{e}: {}", source_of(&e));
         }
+        trace!(
+            pair = self.index,
+            attached = ?slot.gate.attached(),
+            listening = slot.gate.listening(),
+            "gate"
+        );
     }
 }
 
