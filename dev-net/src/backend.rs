@@ -25,7 +25,7 @@ use vmm_sys_util::event::{
 use crate::GuestRam;
 use crate::config::{self, MAX_QUEUE_SIZE, NetParams};
 use crate::tap::{Listener, Pair};
-use crate::worker::{QueueRing, RxState};
+use crate::worker::{PairWorker, QueueRing, RxState, WorkerError};
 
 /// Guest memory as shared with `vhost-user-backend` (replaced on `SET_MEM_TABLE`).
 pub type SharedRam = GuestMemoryAtomic<GuestRam>;
@@ -267,7 +267,11 @@ impl NetBackend {
                 state: &mut guard,
                 pair: pair.index(),
             };
-            worker.process_rx(&mut ring, mem, &mut pair.io())
+            let state = worker.process_rx(&mut ring, mem, &mut pair.io());
+            if let Err(e) = &state {
+                log_ring_error(&mut worker, e);
+            }
+            state
         };
         // After the ring and worker locks are released: the gate takes its own lock.
         match state {
@@ -275,10 +279,7 @@ impl NetBackend {
                 trace!(pair = pair.index(), ?state, "receive");
                 pair.set_paused(state == RxState::Paused);
             }
-            Err(e) => {
-                warn!("{e}: {}", source_text(&e));
-                pair.set_paused(true);
-            }
+            Err(_) => pair.set_paused(true),
         }
     }
 
@@ -290,8 +291,19 @@ impl NetBackend {
             pair: pair.index(),
         };
         if let Err(e) = worker.process_tx(&mut ring, mem, &mut pair.io()) {
-            warn!("{e}: {}", source_text(&e));
+            log_ring_error(&mut worker, &e);
         }
+    }
+}
+
+fn log_ring_error(worker: &mut PairWorker, e: &WorkerError) {
+    if worker.first_ring_error() {
+        warn!(
+            "{e}: {} (further ring errors of this pair are logged at DEBUG)",
+            source_text(e)
+        );
+    } else {
+        debug!("{e}: {}", source_text(e));
     }
 }
 

@@ -123,6 +123,8 @@ pub struct PairWorker {
     scratch: rx::Scratch,
     tx_segs: Vec<Segment>,
     stats: PairStats,
+    bad_avail_logged: bool,
+    ring_error_logged: bool,
 }
 
 impl PairWorker {
@@ -137,11 +139,19 @@ impl PairWorker {
             scratch: rx::Scratch::default(),
             tx_segs: Vec::new(),
             stats: PairStats::default(),
+            bad_avail_logged: false,
+            ring_error_logged: false,
         }
     }
 
     pub fn stats(&self) -> PairStats {
         self.stats
+    }
+
+    /// `true` the first time it is called (a ring error is then logged at WARN; later ones,
+    /// which a broken or hostile driver can cause on every kick, at DEBUG).
+    pub fn first_ring_error(&mut self) -> bool {
+        !std::mem::replace(&mut self.ring_error_logged, true)
     }
 
     /// Takes the features the driver acked. A frame held from before a change of features is
@@ -320,11 +330,21 @@ impl PairWorker {
                 break;
             }
             if popped == 0 {
-                warn!(
-                    pair,
-                    next_avail = ring.queue().next_avail(),
-                    "transmit ring: available index is unusable; waiting for the next kick"
-                );
+                // A driver bug (or a hostile one): logged once, not per kick.
+                let next_avail = ring.queue().next_avail();
+                if std::mem::replace(&mut self.bad_avail_logged, true) {
+                    debug!(
+                        pair,
+                        next_avail, "transmit ring: available index is unusable"
+                    );
+                } else {
+                    warn!(
+                        pair,
+                        next_avail,
+                        "transmit ring: available index is unusable; waiting for the next kick \
+                         (logged once)"
+                    );
+                }
                 break;
             }
         }
