@@ -36,8 +36,6 @@ use vmm_sys_util::eventfd::EventFd;
 pub const VIRTIO_ID_NET: u16 = 1;
 /// Queue size limit offered to the driver.
 pub const MAX_QUEUE_SIZE: u16 = 256;
-/// Size of the control queue.
-const CTRL_QUEUE_SIZE: u16 = 64;
 /// PCI class: network controller, Ethernet, as QEMU's virtio-net-pci.
 const CLASS_NETWORK: u8 = 0x02;
 const SUBCLASS_ETHERNET: u8 = 0x00;
@@ -454,7 +452,8 @@ impl NetDevice {
 
     fn build_ctrl(&self, q: &ActiveQueue<'_>, features: u64) -> Option<CtrlQueue> {
         let c = &q.config;
-        let mut queue = Queue::new(CTRL_QUEUE_SIZE).ok()?;
+        // The driver may size the control queue up to the transport's limit.
+        let mut queue = Queue::new(MAX_QUEUE_SIZE).ok()?;
         queue.set_size(c.size);
         queue
             .try_set_desc_table_address(GuestAddress(c.desc))

@@ -13,7 +13,8 @@ use vm_memory::{Bytes, GuestAddress};
 const MAC: [u8; 6] = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
 const CTRL_RING: u64 = 0x40_0000;
 const CTRL_DATA: u64 = 0x50_0000;
-const QSIZE: u16 = 8;
+/// Linux sizes every queue, the control queue too, at the device's maximum.
+const QSIZE: u16 = 256;
 const DEVICE_CFG: u64 = 0x4000;
 const NOTIFY: u64 = 0x6000;
 
