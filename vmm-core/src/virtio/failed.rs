@@ -170,14 +170,21 @@ fn run(
         for (queue, q) in &mut rings {
             let _ = q.kick.read();
             let mut any = false;
-            while let Some(chain) = queue.pop_descriptor_chain(mem) {
-                let head = chain.head_index();
-                let len = policy.complete(mem, chain);
-                if queue.add_used(mem, head, len).is_err() {
+            // `enable_notification` moves `avail_event` (EVENT_IDX) so the driver notifies
+            // again, and reports requests that arrived meanwhile.
+            loop {
+                while let Some(chain) = queue.pop_descriptor_chain(mem) {
+                    let head = chain.head_index();
+                    let len = policy.complete(mem, chain);
+                    if queue.add_used(mem, head, len).is_err() {
+                        break;
+                    }
+                    any = true;
+                    failed += 1;
+                }
+                if !matches!(queue.enable_notification(mem), Ok(true)) {
                     break;
                 }
-                any = true;
-                failed += 1;
             }
             if any && queue.needs_notification(mem).unwrap_or(true) {
                 let _ = q.call.write(1);
@@ -259,7 +266,7 @@ mod tests {
                 kick: kick.try_clone().unwrap(),
                 call: call.try_clone().unwrap(),
             }],
-            false,
+            true,
             Arc::new(BlkIoError),
         )
         .unwrap();
@@ -273,6 +280,13 @@ mod tests {
         }
         assert_eq!(m.read_obj::<u8>(GuestAddress(0xa000)).unwrap(), 1);
         assert!(call.read().is_ok(), "interrupt raised");
+        // EVENT_IDX: avail_event (after the 16 used elements) asks for the next notify.
+        let avail_event = GuestAddress(config.used + 4 + 8 * 16);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while m.read_obj::<u16>(avail_event).unwrap() != 1 {
+            assert!(std::time::Instant::now() < deadline, "avail_event not moved");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
         drop(drainer);
     }
 }

@@ -371,72 +371,81 @@ impl NetDevice {
         };
         let mut changed = false;
         let mut completed = false;
-        while let Some(chain) = ctrl.queue.pop_descriptor_chain(&self.mem) {
-            let head = chain.head_index();
-            let mut data = Vec::new();
-            let mut status_at = None;
-            let mut malformed = false;
-            for desc in chain {
-                if desc.is_write_only() {
-                    if desc.len() >= 1 {
-                        status_at.get_or_insert(desc.addr());
+        // With EVENT_IDX the driver notifies only past `avail_event`, which
+        // `enable_notification` moves to where the core stopped: without that, every command
+        // after the first would wait forever for a notify the driver never sends.
+        loop {
+            while let Some(chain) = ctrl.queue.pop_descriptor_chain(&self.mem) {
+                let head = chain.head_index();
+                let mut data = Vec::new();
+                let mut status_at = None;
+                let mut malformed = false;
+                for desc in chain {
+                    if desc.is_write_only() {
+                        if desc.len() >= 1 {
+                            status_at.get_or_insert(desc.addr());
+                        }
+                        continue;
                     }
-                    continue;
+                    let len = usize::try_from(desc.len()).unwrap_or(usize::MAX);
+                    if status_at.is_some() || data.len() + len > MAX_CTRL_COMMAND {
+                        malformed = true;
+                        break;
+                    }
+                    let start = data.len();
+                    data.resize(start + len, 0);
+                    if self
+                        .mem
+                        .read_slice(&mut data[start..], desc.addr())
+                        .is_err()
+                    {
+                        malformed = true;
+                        break;
+                    }
                 }
-                let len = usize::try_from(desc.len()).unwrap_or(usize::MAX);
-                if status_at.is_some() || data.len() + len > MAX_CTRL_COMMAND {
-                    malformed = true;
-                    break;
-                }
-                let start = data.len();
-                data.resize(start + len, 0);
-                if self
-                    .mem
-                    .read_slice(&mut data[start..], desc.addr())
-                    .is_err()
-                {
-                    malformed = true;
-                    break;
-                }
-            }
-            let written = match status_at {
-                Some(at) if !malformed => {
-                    let ack = match parse_ctrl(&data, self.driver_features, self.pairs) {
-                        Ok(cmd) => {
-                            tracing::debug!(device = %self.label, ?cmd, "control command");
-                            match self.execute(cmd) {
-                                Ok(c) => {
-                                    changed |= c;
-                                    vn::VIRTIO_NET_OK
-                                }
-                                Err(e) => {
-                                    // The state is kept and replayed on reconnect.
-                                    tracing::warn!(device = %self.label,
-                                        "control command applied while the backend is unreachable: {}",
-                                        crate::error_chain(&e));
-                                    vn::VIRTIO_NET_OK
+                let written = match status_at {
+                    Some(at) if !malformed => {
+                        let ack = match parse_ctrl(&data, self.driver_features, self.pairs) {
+                            Ok(cmd) => {
+                                tracing::debug!(device = %self.label, ?cmd, "control command");
+                                match self.execute(cmd) {
+                                    Ok(c) => {
+                                        changed |= c;
+                                        vn::VIRTIO_NET_OK
+                                    }
+                                    Err(e) => {
+                                        // The state is kept and replayed on reconnect.
+                                        tracing::warn!(device = %self.label,
+                                            "control command applied while the backend is unreachable: {}",
+                                            crate::error_chain(&e));
+                                        vn::VIRTIO_NET_OK
+                                    }
                                 }
                             }
-                        }
-                        Err(e) => {
-                            tracing::debug!(device = %self.label, "control command refused: {e}");
-                            vn::VIRTIO_NET_ERR
-                        }
-                    };
-                    let ack = u8::try_from(ack).expect("0 or 1");
-                    u32::from(self.mem.write_obj(ack, at).is_ok())
+                            Err(e) => {
+                                tracing::debug!(device = %self.label, "control command refused: {e}");
+                                vn::VIRTIO_NET_ERR
+                            }
+                        };
+                        let ack = u8::try_from(ack).expect("0 or 1");
+                        u32::from(self.mem.write_obj(ack, at).is_ok())
+                    }
+                    _ => {
+                        tracing::warn!(device = %self.label, head,
+                            "malformed control chain (no status byte, data after it, unreadable or over {MAX_CTRL_COMMAND} bytes) dropped");
+                        0
+                    }
+                };
+                if let Err(e) = ctrl.queue.add_used(&self.mem, head, written) {
+                    tracing::warn!(device = %self.label, "cannot complete a control command: {e}");
+                    break;
                 }
-                _ => {
-                    tracing::warn!(device = %self.label, head,
-                        "malformed control chain (no status byte, data after it, unreadable or over {MAX_CTRL_COMMAND} bytes) dropped");
-                    0
-                }
-            };
-            if let Err(e) = ctrl.queue.add_used(&self.mem, head, written) {
-                tracing::warn!(device = %self.label, "cannot complete a control command: {e}");
-                break;
+                completed = true;
             }
-            completed = true;
+            match ctrl.queue.enable_notification(&self.mem) {
+                Ok(true) => {}
+                Ok(false) | Err(_) => break,
+            }
         }
         if completed {
             match ctrl.queue.needs_notification(&self.mem) {
