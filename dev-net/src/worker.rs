@@ -261,10 +261,22 @@ impl PairWorker {
                     });
                 }
                 Ok(Placement::NoBuffers) => {
-                    // Ask for a kick when buffers come, then look again: the driver may have
-                    // posted some between our last look and the request.
-                    if ring.queue().enable_notification(mem).map_err(ring_err)? {
-                        ring.queue().disable_notification(mem).map_err(ring_err)?;
+                    // Ask for a kick when the driver posts buffers beyond those available now
+                    // (they are too few for this frame, and `place` rewound over them), then
+                    // look again: it may have posted some meanwhile. With EVENT_IDX the
+                    // notify threshold is `avail_event`, which `enable_notification` sets to
+                    // `next_avail`; left at the rewound position it would lie behind the
+                    // driver's avail index and the driver would never kick again.
+                    let q = ring.queue();
+                    let rewound = q.next_avail();
+                    let avail = q
+                        .avail_idx(mem, std::sync::atomic::Ordering::Acquire)
+                        .map_err(ring_err)?;
+                    q.set_next_avail(avail.0);
+                    let more = q.enable_notification(mem);
+                    q.set_next_avail(rewound);
+                    if more.map_err(ring_err)? {
+                        q.disable_notification(mem).map_err(ring_err)?;
                         continue;
                     }
                     break RxState::Paused;
@@ -586,6 +598,33 @@ mod tests {
             r.used_flags(),
             u16::try_from(VRING_USED_F_NO_NOTIFY).unwrap()
         );
+    }
+
+    /// A frame needing more mergeable buffers than are posted: the buffers stay available,
+    /// and with EVENT_IDX the driver must be asked to kick when it posts beyond them (not at
+    /// the rewound position, which its avail index has already passed).
+    #[test]
+    fn rx_with_too_few_buffers_asks_for_a_kick_past_the_posted_ones() {
+        let mem = ram();
+        let mut r = TestRing::new(&mem, QSIZE);
+        r.post(&[(0x10_0000, 64, true)]);
+        r.post(&[(0x11_0000, 64, true)]);
+        let mut q = r.queue(true);
+        r.set_used_event(0);
+        let mut tap = FakeTap::default();
+        tap.incoming.extend([tap_frame(1000, 1)]);
+        let mut w = worker(1 << VIRTIO_NET_F_MRG_RXBUF);
+        let mut notified = 0;
+        assert_eq!(
+            rx(&mut w, &mut q, &mem, &mut tap, &mut notified),
+            RxState::Paused
+        );
+        assert!(
+            r.take_used().is_empty(),
+            "nothing delivered, nothing consumed"
+        );
+        assert_eq!(r.avail_event(), 2, "kick when a third buffer is posted");
+        assert_eq!(q.next_avail(), 0, "the two buffers stay available");
     }
 
     #[test]
