@@ -104,16 +104,144 @@ while [ $i -lt {secs} ] && ! grep -q LOOP_START "$tmp/"{name}.log 2>/dev/null; d
     i=$((i + 1))
 done
 : >"$out/kills"
-k=0
+{kill_loop}sleep 2
+printf STOP | dd of={img} bs=1k seek={control} conv=notrunc 2>/dev/null
+wait $boot
+"#,
+        control = CHUNK_KIB * SLOTS,
+        run_bg = run.trim_end(),
+        secs = boot.timeout.as_secs() * 5,
+        kill_loop = kill_loop("dev-blk", kills),
+    );
+    script.push_str(l2::SCRIPT_END);
+    script
+}
+
+/// The network guest's modules.
+pub const NET_GUEST_MODULES: &[&str] = &["virtio_pci", "virtio_net", "pvpanic", "pvpanic-mmio"];
+
+/// The network guest's `/init` body: brings `eth0` up as 10.0.0.2/24, prints `LOOP_START`,
+/// then until `http://10.0.0.1:8080/stop` exists (or `testbed.secs` pass) fetches
+/// `big.bin` from L1 and compares its md5 with `big.md5`. Reports `ROUNDS`, `BAD_ROUNDS`
+/// (digest mismatches), `WGET_FAILED` and `FIRST_BAD`.
+const NET_GUEST_BODY: &str = r#"
+ip addr add 10.0.0.2/24 dev eth0
+ip link set eth0 up
+i=0
+while ! wget -q -T 5 -O /tmp/big.md5 http://10.0.0.1:8080/big.md5 && [ $i -lt 60 ]; do sleep 1; i=$((i + 1)); done
+want=$(cut -d' ' -f1 /tmp/big.md5)
+fact WANT "$want"
+secs=$(cmdline_arg secs)
+fact LOOP_START "$(date +%s)"
+end=$(( $(date +%s) + ${secs:-30} ))
+rounds=0
+bad=0
+failed=0
+first_bad=
+stopped=no
+while [ "$(date +%s)" -lt "$end" ]; do
+    if wget -q -T 5 -O /dev/null http://10.0.0.1:8080/stop 2>/dev/null; then stopped=yes; break; fi
+    if wget -q -T 60 -O /tmp/big.bin http://10.0.0.1:8080/big.bin; then
+        got=$(md5sum /tmp/big.bin | cut -d' ' -f1)
+        if [ "$got" != "$want" ]; then
+            bad=$((bad + 1))
+            first_bad=${first_bad:-"round $rounds: md5 $got"}
+        fi
+    else
+        failed=$((failed + 1))
+        first_bad=${first_bad:-"round $rounds: wget failed"}
+    fi
+    rm -f /tmp/big.bin
+    rounds=$((rounds + 1))
+done
+fact STOPPED_BY_L1 "$stopped"
+fact ROUNDS "$rounds"
+fact BAD_ROUNDS "$bad"
+fact WGET_FAILED "$failed"
+fact FIRST_BAD "$first_bad"
+finish
+"#;
+
+/// The network guest's whole `/init`.
+pub fn net_guest_init() -> String {
+    format!("{L2_PRELUDE}{NET_GUEST_BODY}")
+}
+
+/// A POSIX shell script for L1: tap0 as 10.0.0.1/24, a random 8 MiB `big.bin` and its
+/// `big.md5` served by busybox httpd; boots `boot` with `--net tap=tap0` in the background;
+/// after the guest's `LOOP_START` runs `ping -A` (as fast as replies come) at the guest for
+/// the whole time while it SIGKILLs `dev-net` `kills` times like [`l1_script`]
+/// (`<out>/kills`); then `ping -c 3` (`<out>/ping-after.rc`), publishes `stop` and waits. The
+/// flood's summary is in `<out>/flood.log`.
+pub fn net_l1_script(
+    boot: &L2Boot,
+    kills: u32,
+    kernel: &Kernel,
+    atoll: &Path,
+    out: &Path,
+) -> String {
+    let mut script = l2::script_start(out);
+    script.push_str(
+        r#"ip link del tap0 2>/dev/null
+ip tuntap add tap0 mode tap
+ip addr add 10.0.0.1/24 dev tap0
+ip link set tap0 up
+www=$tmp/www
+mkdir -p "$www"
+dd if=/dev/urandom of="$www/big.bin" bs=1M count=8 2>/dev/null
+md5sum "$www/big.bin" >"$www/big.md5"
+busybox httpd -p 8080 -h "$www"
+"#,
+    );
+    let mut command = boot.command(kernel, atoll);
+    command.push("--net".to_owned());
+    command.push("tap=tap0".to_owned());
+    let run = l2::run_command_line(boot, &command);
+    let name = shell_quote(&boot.name);
+    let _ = write!(
+        script,
+        r#"{run_bg} &
+boot=$!
+i=0
+while [ $i -lt {secs} ] && ! grep -q LOOP_START "$tmp/"{name}.log 2>/dev/null; do
+    sleep 0.2
+    i=$((i + 1))
+done
+busybox ping -A -q -w 600 10.0.0.2 >"$out/flood.log" 2>&1 &
+flood=$!
+: >"$out/kills"
+{kill_loop}sleep 2
+kill -INT $flood
+wait $flood
+busybox ping -c 3 -W 5 10.0.0.2 >"$out/ping-after.log" 2>&1
+echo $? >"$out/ping-after.rc"
+touch "$www/stop"
+wait $boot
+ip link del tap0 2>/dev/null
+"#,
+        run_bg = run.trim_end(),
+        secs = boot.timeout.as_secs() * 5,
+        kill_loop = kill_loop("dev-net", kills),
+    );
+    script.push_str(l2::SCRIPT_END);
+    script
+}
+
+/// Shell lines that `kills` times wait a random 0.3 to 1.5 s, SIGKILL the running `process`
+/// and wait for the launcher to start a new one, appending "old-pid new-pid" to
+/// `$out/kills`; they stop early when the boot (`$boot`) ends.
+fn kill_loop(process: &str, kills: u32) -> String {
+    format!(
+        r#"k=0
 while [ $k -lt {kills} ] && kill -0 $boot 2>/dev/null; do
     sleep "$(awk 'BEGIN {{ srand(); printf "%.2f", 0.3 + rand() * 1.2 }}')"
-    old=$(pgrep -x dev-blk | head -n 1)
+    old=$(pgrep -x {process} | head -n 1)
     [ -n "$old" ] || {{ sleep 0.05; continue; }}
     kill -KILL "$old"
     j=0
     new=
     while [ $j -lt 200 ]; do
-        new=$(pgrep -x dev-blk | grep -v "^$old$" | head -n 1)
+        new=$(pgrep -x {process} | grep -v "^$old$" | head -n 1)
         [ -n "$new" ] && break
         sleep 0.05
         j=$((j + 1))
@@ -121,16 +249,8 @@ while [ $k -lt {kills} ] && kill -0 $boot 2>/dev/null; do
     echo "$old $new" >>"$out/kills"
     k=$((k + 1))
 done
-sleep 2
-printf STOP | dd of={img} bs=1k seek={control} conv=notrunc 2>/dev/null
-wait $boot
-"#,
-        control = CHUNK_KIB * SLOTS,
-        run_bg = run.trim_end(),
-        secs = boot.timeout.as_secs() * 5,
-    );
-    script.push_str(l2::SCRIPT_END);
-    script
+"#
+    )
 }
 
 #[cfg(test)]

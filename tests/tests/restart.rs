@@ -12,7 +12,7 @@ use anyhow::{Result, ensure};
 use atoll_tests::Testbed;
 use atoll_tests::l2::{GuestEnd, L2Boot, L2Outcome, Vmm};
 use atoll_tests::paths;
-use atoll_tests::restart::{self, GUEST_MODULES};
+use atoll_tests::restart::{self, GUEST_MODULES, NET_GUEST_MODULES};
 
 const KILLS: u32 = 20;
 /// The longest the guest's write/verify loop runs; L1 normally stops it after its kills.
@@ -27,6 +27,15 @@ fn release_bin(name: &str) -> Result<PathBuf> {
         path.display()
     );
     Ok(path)
+}
+
+/// What one kill session left: the guest's facts, the kills (old and new pid per line), and
+/// for the network session L1's ping results.
+struct KillSession {
+    guest: L2Outcome,
+    kills: String,
+    flood: String,
+    ping_after_rc: String,
 }
 
 fn run_l1() -> Result<(L2Outcome, String)> {
@@ -64,10 +73,8 @@ fn run_l1() -> Result<(L2Outcome, String)> {
     Ok((L2Outcome::read(&boot, &out), kills))
 }
 
-#[test]
-fn dev_blk_killed_20_times_under_io_loses_nothing() {
-    let (o, kills) = run_l1().unwrap_or_else(|e| panic!("the L1 session failed: {e:#}"));
-    let why = o.describe();
+/// Every kill was followed by a new process.
+fn assert_all_kills_restarted(kills: &str, why: &str) {
     let done: Vec<&str> = kills.lines().collect();
     assert_eq!(
         done.len(),
@@ -79,9 +86,16 @@ fn dev_blk_killed_20_times_under_io_loses_nothing() {
         assert_eq!(
             pids.len(),
             2,
-            "dev-blk was not restarted after a kill: {line:?}\n{why}"
+            "the device was not restarted after a kill: {line:?}\n{why}"
         );
     }
+}
+
+#[test]
+fn dev_blk_killed_20_times_under_io_loses_nothing() {
+    let (o, kills) = run_l1().unwrap_or_else(|e| panic!("the L1 session failed: {e:#}"));
+    let why = o.describe();
+    assert_all_kills_restarted(&kills, &why);
     assert_eq!(o.fact("MODULES_FAILED"), Some(""), "{why}");
     let rounds: u32 = o
         .fact("ROUNDS")
@@ -109,4 +123,81 @@ fn dev_blk_killed_20_times_under_io_loses_nothing() {
         GuestEnd::PowerOff,
         "the VM must run on: {why}"
     );
+}
+
+fn run_net_l1() -> Result<KillSession> {
+    let atoll = release_bin("atoll")?;
+    release_bin("vmm-core")?;
+    release_bin("dev-net")?;
+    let testbed = Testbed::setup()?;
+    let work = testbed.work_dir("restart-net-l1")?;
+    let initramfs = work.join("restart-net.cpio");
+    testbed.write_l2_initramfs(&initramfs, NET_GUEST_MODULES, &restart::net_guest_init())?;
+    let boot = L2Boot {
+        name: "net-kills".into(),
+        vmm: Vmm::Atoll,
+        cpus: 1,
+        memory_mib: 256,
+        cmdline: restart::guest_cmdline(LOOP_SECS),
+        initramfs,
+        timeout: BOOT_TIMEOUT,
+    };
+    let out = work.join("l2");
+    let script = restart::net_l1_script(&boot, KILLS, &testbed.kernel, &atoll, &out);
+    let run = testbed.run_script(
+        &work,
+        &script,
+        BOOT_TIMEOUT + Duration::from_secs(120),
+        false,
+    )?;
+    ensure!(
+        run.status == 0,
+        "the L1 script failed with status {}; see {}",
+        run.status,
+        run.log.display()
+    );
+    let read = |name: &str| std::fs::read_to_string(out.join(name)).unwrap_or_default();
+    Ok(KillSession {
+        guest: L2Outcome::read(&boot, &out),
+        kills: read("kills"),
+        flood: read("flood.log"),
+        ping_after_rc: read("ping-after.rc").trim().to_owned(),
+    })
+}
+
+#[test]
+fn dev_net_killed_20_times_under_a_ping_flood_and_transfers_recovers() {
+    let s = run_net_l1().unwrap_or_else(|e| panic!("the L1 session failed: {e:#}"));
+    let why = s.guest.describe();
+    assert_all_kills_restarted(&s.kills, &why);
+    assert_eq!(s.guest.fact("MODULES_FAILED"), Some(""), "{why}");
+    let rounds: u32 = s
+        .guest
+        .fact("ROUNDS")
+        .and_then(|r| r.parse().ok())
+        .unwrap_or_else(|| panic!("the guest's transfer loop did not finish: {why}"));
+    assert!(rounds >= 2, "only {rounds} transfers ran: {why}");
+    assert_eq!(s.guest.fact("STOPPED_BY_L1"), Some("yes"), "{why}");
+    assert_eq!(
+        s.guest.fact("BAD_ROUNDS"),
+        Some("0"),
+        "a transfer arrived corrupted: {:?}\n{why}",
+        s.guest.fact("FIRST_BAD")
+    );
+    assert_eq!(
+        s.guest.fact("WGET_FAILED"),
+        Some("0"),
+        "a transfer failed: {:?}\n{why}",
+        s.guest.fact("FIRST_BAD")
+    );
+    assert!(
+        s.flood.contains("packets received") && !s.flood.contains(" 0 packets received"),
+        "the ping flood got no replies: {}",
+        s.flood
+    );
+    assert_eq!(
+        s.ping_after_rc, "0",
+        "the link must come back after the kills: {why}"
+    );
+    assert_eq!(s.guest.guest_end(), GuestEnd::PowerOff, "{why}");
 }
