@@ -7,7 +7,9 @@
 
 #![forbid(unsafe_code)]
 
-use std::os::fd::{AsFd, OwnedFd, RawFd};
+mod seccomp;
+
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -228,6 +230,26 @@ fn main() -> anyhow::Result<()> {
         tap_offloads,
     };
     let multi_queue = taps.multi_queue;
+    // Confinement (ipc::sandbox): from here on no path, no new socket, no new interface;
+    // only the taps and the listener. Before any thread, as Landlock and capabilities are per
+    // thread.
+    let mut policy = seccomp::policy(cli.socket.is_some()).expect_fds(
+        taps.fds
+            .iter()
+            .map(AsRawFd::as_raw_fd)
+            .chain([listener.as_raw_fd()]),
+    );
+    if let Some(dir) = cli.socket.as_deref().and_then(|p| p.parent()) {
+        // Standalone: the signal thread removes the socket it created.
+        let dir = if dir.as_os_str().is_empty() {
+            std::path::Path::new(".")
+        } else {
+            dir
+        };
+        policy = policy.allow_remove_beneath(dir);
+    }
+    let report = ipc::sandbox::lockdown(&policy).context("confining dev-net")?;
+    info!("{report}");
     let pairs: Vec<Arc<Pair>> = taps
         .fds
         .into_iter()

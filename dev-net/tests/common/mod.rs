@@ -875,7 +875,9 @@ impl Backend {
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::from(file));
-        let child = cmd.spawn().context("spawning dev-net")?;
+        // Only stdio: descriptors the test harness inherited (cargo's jobserver pipes) must not
+        // reach dev-net, whose lockdown warns about every descriptor it was not told of.
+        let child = ipc::spawn::spawn_with_fds(cmd, &[]).context("spawning dev-net")?;
         Ok(Self {
             child,
             log: log.to_path_buf(),
