@@ -35,9 +35,9 @@ pub fn policy(standalone_socket: bool) -> Policy {
             libc::SYS_rt_sigtimedwait,
         ])
         .allow_ioctls(&[
-            libc::TUNSETOFFLOAD as u32,
-            libc::TUNSETVNETHDRSZ as u32,
-            libc::TUNSETQUEUE as u32,
+            request(libc::TUNSETOFFLOAD),
+            request(libc::TUNSETVNETHDRSZ),
+            request(libc::TUNSETQUEUE),
         ])
         .allow_arg_values(libc::SYS_fcntl, 1, &[libc::F_DUPFD_CLOEXEC as u32]);
     if standalone_socket {
@@ -45,6 +45,11 @@ pub fn policy(standalone_socket: bool) -> Policy {
     } else {
         p
     }
+}
+
+/// An ioctl request number as the filter compares it (the kernel's `unsigned int cmd`).
+fn request(r: u64) -> u32 {
+    u32::try_from(r).expect("ioctl request numbers are 32 bits")
 }
 
 #[cfg(test)]
