@@ -18,17 +18,21 @@ use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
 use std::time::Duration;
 
-/// The example binary built by `cargo test` beside this test (`target/<profile>/examples`).
-fn probe_bin() -> PathBuf {
+/// An example binary built by `cargo test` beside this test (`target/<profile>/examples`).
+fn example_bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let profile_dir = exe.parent().unwrap().parent().unwrap();
-    let p = profile_dir.join("examples").join("lockdown_probe");
+    let p = profile_dir.join("examples").join(name);
     assert!(
         p.exists(),
         "{} is missing: run the tests with cargo test -p ipc (which builds examples)",
         p.display()
     );
     p
+}
+
+fn probe_bin() -> PathBuf {
+    example_bin("lockdown_probe")
 }
 
 /// Fields of a /proc/PID/status text.
@@ -528,4 +532,42 @@ fn child_starts_in_its_cgroup_leaf() {
     drop(leaf);
     drop(tree);
     assert!(!tree_dir.exists(), "the subtree was not removed");
+}
+
+#[test]
+fn child_dies_with_its_launcher_even_with_a_dedicated_uid() {
+    // `confine` plays the launcher: it spawns a confined shell (dedicated uid: the euid
+    // change must not disarm the parent-death signal) and is then killed.
+    let mut launcher = std::process::Command::new(example_bin("confine"))
+        .args(["--no-report", "--", "/bin/sleep", "60"])
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let children = format!("/proc/{0}/task/{0}/children", launcher.id());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let child: u32 = loop {
+        let text = std::fs::read_to_string(&children).unwrap_or_default();
+        if let Some(pid) = text.split_whitespace().next() {
+            break pid.parse().unwrap();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no confined child appeared"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let uid = proc_status(child)["Uid"].clone();
+    if nix::unistd::geteuid().is_root() {
+        assert!(!uid.starts_with("0\t"), "{uid}");
+    }
+    launcher.kill().unwrap();
+    launcher.wait().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::path::Path::new(&format!("/proc/{child}")).exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the confined child {child} outlived its launcher"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }

@@ -152,6 +152,18 @@ fn confine(
         return Err(LockdownError::Threads(threads));
     }
     let mut warnings = Vec::new();
+    // Opened before the pivot_root, while the paths still resolve (afterwards they are
+    // unreachable, so a rule only matters for a process without namespaces).
+    let remove_beneath = policy
+        .remove_beneath()
+        .iter()
+        .map(|dir| {
+            PathFd::new(dir).map_err(|source| LockdownError::LandlockPath {
+                path: dir.clone(),
+                source,
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     let root = if mode.has_namespaces() {
         if in_host_user_namespace()? {
             return Err(LockdownError::HostUserNamespace(mode));
@@ -162,7 +174,7 @@ fn confine(
         RootView::Host
     };
     nix::sys::prctl::set_no_new_privs().map_err(LockdownError::NoNewPrivs)?;
-    let landlock = restrict_landlock(policy)?;
+    let landlock = restrict_landlock(remove_beneath)?;
     let (bounding_caps_left, caps_warning) = drop_capabilities()?;
     warnings.extend(caps_warning);
     let open_fds = open_fds()?;
@@ -311,7 +323,7 @@ fn enter_empty_root() -> Result<(), LockdownError> {
     Ok(())
 }
 
-fn restrict_landlock(policy: &Policy) -> Result<LandlockReport, LockdownError> {
+fn restrict_landlock(remove_beneath: Vec<PathFd>) -> Result<LandlockReport, LockdownError> {
     let err = LockdownError::Landlock;
     let mut ruleset = Ruleset::default()
         .set_compatibility(CompatLevel::BestEffort)
@@ -323,11 +335,7 @@ fn restrict_landlock(policy: &Policy) -> Result<LandlockReport, LockdownError> {
         .map_err(err)?
         .create()
         .map_err(err)?;
-    for dir in policy.remove_beneath() {
-        let fd = PathFd::new(dir).map_err(|source| LockdownError::LandlockPath {
-            path: dir.clone(),
-            source,
-        })?;
+    for fd in remove_beneath {
         ruleset = ruleset
             .add_rule(PathBeneath::new(fd, AccessFs::RemoveFile))
             .map_err(err)?;

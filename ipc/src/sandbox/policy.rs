@@ -269,8 +269,8 @@ impl Policy {
 
     /// Lets the process remove files beneath `dir` (Landlock `REMOVE_FILE` there and nothing
     /// else). Meant for a binary started by hand that created a socket at a path and removes
-    /// it when it exits; under the launcher the process sees no host path at all, so a
-    /// binary must not ask for this then ([`lockdown`](super::lockdown) fails if it does).
+    /// it when it exits. `dir` must exist when lockdown starts; in a process the launcher
+    /// confined it is unreachable after the `pivot_root`, so the rule grants nothing there.
     pub fn allow_remove_beneath(mut self, dir: impl AsRef<Path>) -> Self {
         self.remove_beneath.push(dir.as_ref().to_owned());
         self

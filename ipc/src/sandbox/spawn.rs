@@ -16,11 +16,11 @@
 //! system calls on memory prepared before `clone3` (paths, argv, envp, the descriptor plan),
 //! no allocation, no locks, no glibc wrappers that broadcast to threads (`setresuid` and
 //! `setgroups` are issued as raw system calls for that reason). It:
-//! 1. sets `PR_SET_PDEATHSIG` and waits on a pipe until the parent has written
-//!    `/proc/PID/setgroups`, `uid_map` and `gid_map` (end of file there means the parent gave
-//!    up or died: the child exits);
+//! 1. waits on a pipe until the parent has written `/proc/PID/setgroups`, `uid_map` and
+//!    `gid_map` (end of file there means the parent gave up or died: the child exits);
 //! 2. becomes uid/gid 0 of its namespace (host uid/gid = the mapped ones) and, when the
-//!    launcher is root, drops its supplementary groups;
+//!    launcher is root, drops its supplementary groups; only then sets `PR_SET_PDEATHSIG`
+//!    (a euid change clears it) and checks that the parent still holds the pipe open;
 //! 3. optionally starts its own process group, unblocks every signal, resets ignored ones;
 //! 4. sets `no_new_privs`, places the descriptors, sets the rlimits, and `execve`s.
 //!
@@ -482,7 +482,9 @@ impl ConfinedCommand {
     }
 
     /// Starts the child with exactly stdio plus `fds` (each at its target; a target of 0..=2
-    /// replaces that stdio descriptor).
+    /// replaces that stdio descriptor). The child gets `SIGKILL` when the thread that
+    /// spawned it ends (`PR_SET_PDEATHSIG` follows the thread): spawn from a thread that
+    /// lives as long as the child should.
     pub fn spawn(&self, fds: &[Inherit<'_>]) -> Result<ConfinedChild, SpawnError> {
         let name = &self.name;
         let mut targets: Vec<RawFd> = fds.iter().map(|i| i.target).collect();
@@ -648,9 +650,9 @@ impl ConfinedCommand {
             child.launcher.ids = Some(ids);
             child.launcher.namespaces = NAMESPACES.iter().map(|&(n, _)| n.to_owned()).collect();
         }
-        // Let the child go on, then learn whether it reached exec.
+        // Let the child go on, then learn whether it reached exec. The sync pipe stays open
+        // until then: the child takes a hang-up on it for the parent's death.
         let go = nix::unistd::write(&sync_w, &[1]);
-        drop(sync_w);
         let mut buf = [0u8; 8];
         let mut got = 0;
         let mut err_file = File::from(err_r);
@@ -667,6 +669,7 @@ impl ConfinedCommand {
                 Err(_) => break,
             }
         }
+        drop(sync_w);
         match got {
             0 if go.is_ok() => Ok(child),
             0 => {
@@ -899,9 +902,6 @@ unsafe fn child_main(plan: &ChildPlan<'_>) -> ! {
     // SAFETY: raw system calls on descriptors and memory the plan owns (the child's copy);
     // nothing here allocates, locks or returns into the parent's code.
     unsafe {
-        if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
-            fail(err_w, Step::Pdeathsig);
-        }
         libc::close(plan.sync_w);
         let mut b = 0u8;
         loop {
@@ -917,7 +917,6 @@ unsafe fn child_main(plan: &ChildPlan<'_>) -> ! {
                 fail(err_w, Step::Sync);
             }
         }
-        libc::close(plan.sync_r);
         if plan.switch_ids {
             if libc::syscall(libc::SYS_setresgid, 0, 0, 0) != 0 {
                 fail(err_w, Step::Setresgid);
@@ -931,6 +930,24 @@ unsafe fn child_main(plan: &ChildPlan<'_>) -> ! {
                 fail(err_w, Step::Setresuid);
             }
         }
+        // After the id switch: changing the euid clears the parent-death signal. The parent
+        // keeps its end of the sync pipe open until this child has exec'd, so a hang-up there
+        // means it died before the signal was armed.
+        if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+            fail(err_w, Step::Pdeathsig);
+        }
+        let mut pfd = libc::pollfd {
+            fd: plan.sync_r,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        if libc::poll(&raw mut pfd, 1, 0) < 0 {
+            fail(err_w, Step::Sync);
+        }
+        if pfd.revents & libc::POLLHUP != 0 {
+            libc::_exit(127);
+        }
+        libc::close(plan.sync_r);
         if plan.process_group && libc::setpgid(0, 0) != 0 {
             fail(err_w, Step::Setpgid);
         }
