@@ -12,7 +12,8 @@
 //! Options: `--name NAME`, `--mode full|seccomp-log|unconfined|wrap:CMD`, `--fds N,M,..`,
 //! `--same-uid` (map the namespace's root to this process's uid instead of a dedicated one),
 //! `--fsize BYTES`, `--nproc N`, `--nofile N`, `--print-report` (the one-line confinement
-//! report on stderr), `--no-report` (the program does not call lockdown).
+//! report on stderr), `--no-report` (the program does not call lockdown). `confine --probe`
+//! prints what the host supports and the warnings `atoll` would print.
 
 use anyhow::{Context, bail};
 use ipc::inherit::take_inherited_fd;
@@ -104,6 +105,14 @@ fn parse() -> anyhow::Result<Options> {
 }
 
 fn main() -> anyhow::Result<()> {
+    if std::env::args().nth(1).as_deref() == Some("--probe") {
+        let support = ipc::sandbox::probe();
+        println!("{support}");
+        for w in support.warnings() {
+            println!("warning: {w}");
+        }
+        return Ok(());
+    }
     let o = parse()?;
     let fds: Vec<(RawFd, OwnedFd)> = o
         .fds

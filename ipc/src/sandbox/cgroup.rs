@@ -152,7 +152,10 @@ fn resolve_own_cgroup(cgroup: &str, mountinfo: &str) -> Result<PathBuf, CgroupEr
         };
         if let Some(rel) = rel {
             let mut dir = PathBuf::from(unescape_mountinfo(mount_point));
-            dir.push(rel.trim_start_matches('/'));
+            let rel = rel.trim_start_matches('/');
+            if !rel.is_empty() {
+                dir.push(rel);
+            }
             return Ok(dir);
         }
     }
@@ -409,8 +412,11 @@ mod tests {
             Path::new("/sys/fs/cgroup/unified/user.slice/a")
         );
         assert_eq!(
-            resolve_own_cgroup("0::/\n", mountinfo).unwrap(),
-            Path::new("/sys/fs/cgroup/unified")
+            resolve_own_cgroup("0::/\n", mountinfo)
+                .unwrap()
+                .to_str()
+                .unwrap(),
+            "/sys/fs/cgroup/unified"
         );
         // A mount of a subtree (as inside a container), with an escaped space.
         let sub = "40 24 0:30 /ctr /mnt/cg\\040x rw - cgroup2 cgroup2 rw";
