@@ -77,10 +77,10 @@ for spec in $(cmdline_arg nics | tr , ' '); do
         else
             fact "NIC${n}_PING" "failed: $(tail -n 2 /tmp/ping.$n | tr '\n' ' ')"
         fi
-        if wget -q -T 60 -O /tmp/h2g.$n "http://$subnet.1:8080/h2g.bin"; then
+        if wget -T 60 -O /tmp/h2g.$n "http://$subnet.1:8080/h2g.bin" 2>/tmp/wget.err; then
             fact "NIC${n}_H2G_MD5" "$(md5sum /tmp/h2g.$n | cut -d' ' -f1)"
         else
-            fact "NIC${n}_H2G_MD5" "wget failed"
+            fact "NIC${n}_H2G_MD5" "wget failed: $(tr '\n' ' ' </tmp/wget.err)"
         fi
         rm -f /tmp/h2g.$n
         first_subnet=${first_subnet:-$subnet}
@@ -155,6 +155,9 @@ mkdir -p "$www"
 dd if=/dev/urandom of="$www/h2g.bin" bs=1M count={TRANSFER_MIB} 2>/dev/null
 md5sum "$www/h2g.bin" | cut -d' ' -f1 >"$out/h2g.md5"
 busybox httpd -p 8080 -h "$www"
+if ! busybox wget -q -O /dev/null "http://127.0.0.1:8080/h2g.bin"; then
+    echo "TESTBED_NET L1's httpd does not serve"
+fi
 "#
     );
     let mut command = boot.command(kernel, atoll);
