@@ -42,6 +42,8 @@ use std::path::{Path, PathBuf};
 /// The Landlock ABI whose rights lockdown handles (the newest one tested; a newer kernel
 /// still enforces these, an older one the subset it knows).
 const LANDLOCK_ABI: ABI = ABI::V7;
+/// [`LANDLOCK_ABI`] as a number, for the report.
+const LANDLOCK_ABI_VERSION: u32 = 7;
 
 /// Directories one of which exists in any Linux root: the empty tmpfs is mounted on the
 /// first that does (it is detached again by the `pivot_root`).
@@ -352,7 +354,10 @@ fn restrict_landlock(remove_beneath: Vec<PathFd>) -> Result<LandlockReport, Lock
             LandlockReport::Unavailable("the ruleset was not enforced".into())
         }
         (_, enforced) => LandlockReport::Enforced {
-            abi: super::probe::landlock_abi().unwrap_or(0),
+            // What was achieved: the kernel's ABI, capped at the one whose rights we handle.
+            abi: super::probe::landlock_abi()
+                .unwrap_or(0)
+                .min(LANDLOCK_ABI_VERSION),
             full: enforced == RulesetStatus::FullyEnforced,
         },
     })

@@ -13,7 +13,7 @@
 //!    checks its open descriptors and installs its own seccomp allow-list ([`policy`]) on all
 //!    threads. From then on, an unlisted system call kills the process (`SIGSYS`).
 //!
-//! [`probe`] tells what the host supports (and what `atoll` must warn about, or refuse under
+//! [`probe()`] tells what the host supports (and what `atoll` must warn about, or refuse under
 //! `--strict`); [`report`] holds the one-line-per-process confinement report.
 //!
 //! # Environment variables
@@ -38,7 +38,28 @@
 //!   launcher reads it with [`spawn::ConfinedChild::read_report`].
 //! - `ATOLL_SELFTEST` (only in binaries built with the `confinement-selftest` feature): after
 //!   lockdown, attempt one escape (`open`, `socket`, `exec` or `ptrace`), print the result and
-//!   exit; see [`selftest`](crate::sandbox::selftest).
+//!   exit; see the `selftest` module (built with that feature only).
+
+//! # What the launcher does per child
+//!
+//! Once at start: `let support = probe();` print each of `support.warnings()` (or, with
+//! `--strict`, fail with `support.strict()`); if `support.cgroup` is `Ok`, create the subtree
+//! with [`probe::cgroup_tree`] and keep the [`cgroup::CgroupTree`] until every child has been
+//! reaped (dropping it removes the cgroups); keep one [`spawn::IdAllocator`].
+//!
+//! Per child (and reused for each restart of that child):
+//! 1. a [`ConfinedCommand`] with the binary, its arguments, `.ids(allocator.allocate()?)`,
+//!    `.rlimits(..)`, `.cgroup(tree.leaf(name, limits)?)` (or `.no_cgroup(reason)`),
+//!    `.process_group(true)`, and `.confinement(..)` from `--debug-device`
+//!    ([`spawn::parse_debug_device`]); `.without_namespaces(reason)` when
+//!    `support.namespaces` is an error and `--strict` is off;
+//! 2. `spawn(&fds)` from a long-lived thread, with stdin replaced by `/dev/null` (target 0);
+//! 3. `read_report(timeout)` and print the [`ConfinementReport`] (one line; `shortfalls()`
+//!    lists what it lacks);
+//! 4. supervise through the pidfd ([`ConfinedChild::pidfd`] becomes readable on exit, then
+//!    `try_wait`); stop with `signal`/`kill`. A confined child is pid 1 of its namespace: it
+//!    does not get `SIGTERM` unless it blocks or handles it (dev-blk does; the core is stopped
+//!    over its control socket), `SIGKILL` always works.
 
 pub mod cgroup;
 pub mod lockdown;

@@ -1,4 +1,4 @@
-//! Per-binary seccomp allow-lists and what else a binary tells [`lockdown`](super::lockdown):
+//! Per-binary seccomp allow-lists and what else a binary tells [`lockdown`](super::lockdown()):
 //! the descriptors it expects to hold when it locks down.
 //!
 //! A [`Policy`] is built by each binary (`vmm-core/src/seccomp.rs`, `dev-blk/src/seccomp.rs`)

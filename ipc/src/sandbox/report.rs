@@ -1,6 +1,6 @@
 //! What confinement a process got: the launcher's half ([`LauncherReport`], what
 //! [`ConfinedCommand::spawn`](super::spawn::ConfinedCommand::spawn) applied), the process's
-//! half ([`ProcessReport`], what [`lockdown`](super::lockdown::lockdown) applied, sent back to
+//! half ([`ProcessReport`], what [`lockdown`](super::lockdown::lockdown()) applied, sent back to
 //! the launcher through the report pipe), and both together as the one line `atoll` prints per
 //! process ([`ConfinementReport`]).
 
@@ -135,7 +135,7 @@ pub enum SeccompReport {
     None,
 }
 
-/// What [`lockdown`](super::lockdown::lockdown) applied, as the process reports it.
+/// What [`lockdown`](super::lockdown::lockdown()) applied, as the process reports it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProcessReport {
     /// The binary's policy name.

@@ -1,7 +1,7 @@
 //! Escape attempts for the confinement tests (feature `confinement-selftest` only: a
 //! production build holds none of this code).
 //!
-//! Right after [`lockdown`](super::lockdown::lockdown), a binary run with `ATOLL_SELFTEST`
+//! Right after [`lockdown`](super::lockdown::lockdown()), a binary run with `ATOLL_SELFTEST`
 //! set to one of `open`, `socket`, `exec`, `ptrace` tries that escape:
 //! - `open`: `open("/etc/passwd", O_RDONLY)`;
 //! - `socket`: `socket(AF_INET, SOCK_STREAM, 0)`;

@@ -395,7 +395,7 @@ impl ConfinedCommand {
     }
 
     /// Whether the child sends a lockdown report (true for atoll's binaries, which call
-    /// [`lockdown`](super::lockdown::lockdown); false for any other program, which would
+    /// [`lockdown`](super::lockdown::lockdown()); false for any other program, which would
     /// otherwise hold the report pipe open).
     pub fn expect_report(&mut self, on: bool) -> &mut Self {
         self.report = on;
