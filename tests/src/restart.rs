@@ -128,7 +128,7 @@ const NET_GUEST_BODY: &str = r#"
 ip addr add 10.0.0.2/24 dev eth0
 ip link set eth0 up
 i=0
-while ! wget -q -T 5 -O /tmp/big.md5 http://10.0.0.1:8080/big.md5 && [ $i -lt 60 ]; do sleep 1; i=$((i + 1)); done
+while ! timeout 5 wget -q -O /tmp/big.md5 http://10.0.0.1:8080/big.md5 && [ $i -lt 60 ]; do sleep 1; i=$((i + 1)); done
 want=$(cut -d' ' -f1 /tmp/big.md5)
 fact WANT "$want"
 secs=$(cmdline_arg secs)
@@ -140,8 +140,8 @@ failed=0
 first_bad=
 stopped=no
 while [ "$(date +%s)" -lt "$end" ]; do
-    if wget -q -T 5 -O /dev/null http://10.0.0.1:8080/stop 2>/dev/null; then stopped=yes; break; fi
-    if wget -q -T 60 -O /tmp/big.bin http://10.0.0.1:8080/big.bin; then
+    if timeout 5 wget -q -O /dev/null http://10.0.0.1:8080/stop 2>/dev/null; then stopped=yes; break; fi
+    if timeout 60 wget -q -O /tmp/big.bin http://10.0.0.1:8080/big.bin; then
         got=$(md5sum /tmp/big.bin | cut -d' ' -f1)
         if [ "$got" != "$want" ]; then
             bad=$((bad + 1))
