@@ -24,6 +24,7 @@ pub mod chain;
 pub mod config;
 pub mod gate;
 pub mod header;
+pub mod relay;
 pub mod rx;
 pub mod server;
 pub mod stats;

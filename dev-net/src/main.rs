@@ -248,6 +248,9 @@ fn main() -> anyhow::Result<()> {
         };
         policy = policy.allow_remove_beneath(dir);
     }
+    // The daemon's private socket behind the relay (bound before lockdown).
+    let inner = dev_net::relay::Inner::bind().context("the relay's socket")?;
+    let policy = policy.expect_fds(inner.fds());
     let report = ipc::sandbox::lockdown(&policy).context("confining dev-net")?;
     info!("{report}");
     let pairs: Vec<Arc<Pair>> = taps
@@ -285,6 +288,6 @@ fn main() -> anyhow::Result<()> {
         })
         .context("spawning the signal thread")?;
 
-    dev_net::server::serve(&mut listener, &params, &pairs)?;
+    dev_net::server::serve(&mut listener, &inner, &params, &pairs)?;
     Ok(())
 }

@@ -26,6 +26,9 @@ pub fn policy(standalone_socket: bool) -> Policy {
             libc::SYS_sendmsg,
             libc::SYS_getsockopt,
             libc::SYS_shutdown,
+            // The relay (relay.rs): std's socket reads and writes are recv/send.
+            libc::SYS_recvfrom,
+            libc::SYS_sendto,
             // Event loops: tap, kick, call and exit eventfds under epoll.
             libc::SYS_eventfd2,
             libc::SYS_epoll_create1,

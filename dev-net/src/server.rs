@@ -14,6 +14,7 @@ use vm_memory::GuestMemoryAtomic;
 use crate::GuestRam;
 use crate::backend::NetBackend;
 use crate::config::NetParams;
+use crate::relay::Inner;
 use crate::tap::Pair;
 
 #[derive(Debug, thiserror::Error)]
@@ -29,17 +30,36 @@ pub enum ServeError {
 /// persist. Returns only on a listener error.
 pub fn serve(
     listener: &mut Listener,
+    inner: &Inner,
     params: &NetParams,
     pairs: &[Arc<Pair>],
 ) -> Result<(), ServeError> {
+    let mut inner_listener = Listener::from(
+        inner
+            .listener()
+            .try_clone()
+            .map_err(|e| ServeError::Accept(e.to_string()))?,
+    );
     for connection in 1u64.. {
         let mem = GuestMemoryAtomic::new(GuestRam::new());
         let backend = Arc::new(NetBackend::new(params.clone(), pairs, mem.clone()));
         let mut daemon = VhostUserDaemon::new("dev-net".to_owned(), Arc::clone(&backend), mem)
             .map_err(|e| ServeError::Create(e.to_string()))?;
         backend.connect(&daemon.get_epoll_handlers());
+        // The frontend's connection goes through the relay (see `relay`), which connects to
+        // the daemon's private socket before the daemon accepts there.
+        let frontend = loop {
+            match listener.accept() {
+                Ok(Some(stream)) => break stream,
+                Ok(None) => {}
+                Err(e) => return Err(ServeError::Accept(e.to_string())),
+            }
+        };
+        inner
+            .relay(frontend)
+            .map_err(|e| ServeError::Accept(e.to_string()))?;
         daemon
-            .start(listener)
+            .start(&mut inner_listener)
             .map_err(|e| ServeError::Accept(e.to_string()))?;
         info!(connection, "frontend connected");
         match daemon.wait() {
