@@ -1,7 +1,7 @@
 //! A minimal confined process for `ipc/tests/sandbox.rs`: it takes its control socket at fd 3,
 //! locks down with the runtime policy (plus what `--allow` names), says `locked` on fd 3 and
 //! waits there for one byte: `x` makes it exit 0, `t` makes it start a thread, join it and
-//! answer `joined`. With the `confinement-selftest` feature and `ATOLL_SELFTEST` set, lockdown
+//! answer `joined`, `p` makes it start a thread that panics, join it and answer `caught`. With the `confinement-selftest` feature and `ATOLL_SELFTEST` set, lockdown
 //! runs the escape attempt instead (and exits).
 //!
 //! `--allow open,socket,exec,ptrace` adds those system calls to the allow-list, so that the
@@ -74,6 +74,19 @@ fn main() -> ExitCode {
                     .map(|h| h.join().ok() == Some(7))
                     .unwrap_or(false);
                 let answer: &[u8] = if ok { b"joined\n" } else { b"thread failed\n" };
+                if ctl.write_all(answer).is_err() {
+                    return ExitCode::from(4);
+                }
+            }
+            Ok(1) if cmd[0] == b'p' => {
+                // A panicking thread: the panic message and unwinding must work under the
+                // filter (and must not resolve a backtrace, which would open files).
+                let caught = std::thread::Builder::new()
+                    .name("probe-panic".into())
+                    .spawn(|| panic!("probe panic"))
+                    .map(|h| h.join().is_err())
+                    .unwrap_or(false);
+                let answer: &[u8] = if caught { b"caught\n" } else { b"not caught\n" };
                 if ctl.write_all(answer).is_err() {
                     return ExitCode::from(4);
                 }

@@ -576,3 +576,20 @@ fn child_dies_with_its_launcher_even_with_a_dedicated_uid() {
         std::thread::sleep(Duration::from_millis(10));
     }
 }
+
+#[test]
+fn a_panicking_thread_unwinds_under_the_filter_even_with_rust_backtrace() {
+    // Resolving a backtrace opens the binary's files, which no allow-list lists: lockdown
+    // turns RUST_BACKTRACE off in kill mode so that a panic stays a panic.
+    for env in [
+        &[("RUST_BACKTRACE", "0")][..],
+        &[("RUST_BACKTRACE", "1")][..],
+    ] {
+        let mut p = start_probe(Confinement::Full, env, &[]);
+        assert!(p.line().starts_with("locked "));
+        p.send(b'p');
+        assert_eq!(p.line(), "caught\n", "{env:?}");
+        p.send(b'x');
+        assert_eq!(p.child.wait().unwrap().code(), Some(0), "{env:?}");
+    }
+}

@@ -21,7 +21,8 @@
 //! 5. open descriptors checked against the policy's list (an unexpected one is an error when
 //!    the launcher confined the process, a warning otherwise);
 //! 6. the policy's seccomp filters on every thread (TSYNC): kill-process on violation, or log
-//!    in the debug modes;
+//!    in the debug modes (in kill mode `RUST_BACKTRACE` is dropped first: resolving a
+//!    backtrace needs `getcwd` and file opens, which would turn a panic into `SIGSYS`);
 //! 7. the report written to the launcher's report pipe, which is then closed.
 
 use super::Mode;
@@ -201,6 +202,9 @@ fn confine(
     } else {
         (Violation::Kill, SeccompReport::Kill { syscalls })
     };
+    if !mode.seccomp_logs() {
+        warnings.extend(disable_backtraces());
+    }
     let no_new_privs = nix::sys::prctl::get_no_new_privs().unwrap_or(false);
     let fallback = policy.compile_clone3_fallback()?;
     let allow_list = policy.compile(action)?;
@@ -219,6 +223,29 @@ fn confine(
         seccomp,
         open_fds,
         warnings,
+    })
+}
+
+/// Turns off Rust's panic backtraces: resolving one calls `getcwd` and opens the binary's
+/// files, which no allow-list lists, so a panic (which should end one thread, or the process
+/// with its message) would become a `SIGSYS` kill with the message cut short. Debug modes
+/// (seccomp in log mode) keep them.
+fn disable_backtraces() -> Option<String> {
+    let set: Vec<&str> = ["RUST_BACKTRACE", "RUST_LIB_BACKTRACE"]
+        .into_iter()
+        .filter(|v| std::env::var_os(v).is_some_and(|x| x != "0"))
+        .collect();
+    for v in &set {
+        // SAFETY: the process has a single thread (checked at the start of lockdown), so
+        // nothing reads the environment concurrently.
+        unsafe { std::env::remove_var(v) };
+    }
+    (!set.is_empty()).then(|| {
+        format!(
+            "{} ignored: resolving a backtrace needs files the seccomp filter forbids \
+             (use --debug-device NAME=seccomp-log for backtraces)",
+            set.join(" and ")
+        )
     })
 }
 
