@@ -8,8 +8,9 @@
 //! and ends the connection, so QEMU could not use dev-net at all. No setting of the crates
 //! changes that, hence this hand-written relay: every message is passed on unchanged (with its
 //! descriptors) except an early `SET_VRING_ENABLE`, which is acknowledged here when the
-//! frontend asked for a reply and otherwise dropped. (The rings' enable state only matters
-//! once the device runs, and QEMU enables them again then.)
+//! frontend asked for a reply, remembered, and passed on right after `SET_FEATURES` (without
+//! asking for a reply), so the rings end up enabled exactly as the frontend said. QEMU does
+//! not send the enable again when the device starts.
 //!
 //! The daemon accepts on a private listening socket in the abstract namespace (no file, and
 //! in the network namespace atoll gives dev-net nobody else sees it). Lockdown's Landlock
@@ -191,12 +192,24 @@ fn pump(
     to: &UnixStream,
     features_set: Option<&AtomicBool>,
 ) -> Result<(), FdPassError> {
+    // Early enables, replayed after SET_FEATURES.
+    let mut held: Vec<Vec<u8>> = Vec::new();
     while let Some(msg) = read_message(from)? {
         if let Some(set) = features_set {
             match msg.field(0) {
-                SET_FEATURES => set.store(true, Ordering::Release),
+                SET_FEATURES if !set.load(Ordering::Acquire) => {
+                    set.store(true, Ordering::Release);
+                    let fds: Vec<BorrowedFd<'_>> = msg.fds.iter().map(AsFd::as_fd).collect();
+                    send_with_fds(to.as_fd(), &msg.bytes, &fds)?;
+                    for mut enable in held.drain(..) {
+                        enable[4..8].copy_from_slice(&FLAG_VERSION.to_ne_bytes());
+                        send_with_fds(to.as_fd(), &enable, &[])?;
+                    }
+                    continue;
+                }
                 SET_VRING_ENABLE if !set.load(Ordering::Acquire) => {
-                    debug!("SET_VRING_ENABLE before SET_FEATURES absorbed");
+                    debug!("SET_VRING_ENABLE before SET_FEATURES held until SET_FEATURES");
+                    held.push(msg.bytes.clone());
                     if msg.field(1) & FLAG_NEED_REPLY != 0 {
                         let mut reply = Vec::with_capacity(HEADER + 8);
                         reply.extend_from_slice(&SET_VRING_ENABLE.to_ne_bytes());
@@ -264,6 +277,11 @@ mod tests {
         assert_eq!(got, features);
         assert_eq!(fds.len(), 1);
         drop(keep);
+
+        // The early enable follows SET_FEATURES, without asking for a reply.
+        let mut replayed = enable.clone();
+        replayed[4..8].copy_from_slice(&FLAG_VERSION.to_ne_bytes());
+        assert_eq!(read_n(&mut daemon, replayed.len()), replayed);
 
         // After SET_FEATURES, enables pass through, and replies flow back.
         vmm.write_all(&enable).unwrap();
