@@ -70,11 +70,14 @@ pub mod report;
 pub mod selftest;
 pub mod spawn;
 
+pub use cgroup::{CgroupLimits, CgroupTree};
 pub use lockdown::{LockdownError, lockdown};
 pub use policy::Policy;
 pub use probe::{HostSupport, probe};
-pub use report::{ConfinementReport, ProcessReport};
-pub use spawn::{ConfinedChild, ConfinedCommand, Confinement};
+pub use report::{ConfinementReport, ProcessReport, Rlimits};
+pub use spawn::{
+    ConfinedChild, ConfinedCommand, Confinement, HostIds, IdAllocator, parse_debug_device,
+};
 
 use serde::{Deserialize, Serialize};
 
