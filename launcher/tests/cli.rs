@@ -384,3 +384,64 @@ fn valid_input_gets_past_validation() {
         "{err}"
     );
 }
+
+#[test]
+fn bad_net_options() {
+    let dir = TestDir::new("net");
+    let k = dir.file("bzImage", &bzimage(0x020f));
+    for (value, why) in [
+        (
+            "tap=tap0,mac=52:54:00:12:34",
+            "expected six hexadecimal bytes",
+        ),
+        ("tap=tap0,mac=01:00:5e:00:00:01", "a multicast address"),
+        ("tap=tap0,mac=00:00:00:00:00:00", "the all-zero address"),
+        ("tap=tap0,queues=0", "queues=0"),
+        ("tap=tap0,queues=17", "queues=17"),
+        ("tap=a/b", "not an interface name"),
+        ("tap=abcdefghijklmnop", "not an interface name"),
+        ("tap=tap0,fd=5", "tap= and fd= exclude each other"),
+        ("fd=5,queues=2", "one fd= descriptor is one queue pair"),
+        ("fd=1", "expected a descriptor number above 2"),
+        ("mac=52:54:00:12:34:56", "tap=NAME or fd=N is required"),
+        ("tap=tap0,vhost=on", "unknown option 'vhost'"),
+        // Opening: a descriptor atoll was not given, an interface that is not a tap.
+        ("fd=77", "descriptor 77 was not passed to atoll"),
+        ("tap=lo", "not a tap"),
+    ] {
+        rejects(
+            k.as_os_str(),
+            &["--net", value],
+            &[&format!("--net {value}:"), why],
+        );
+    }
+}
+
+/// A single-queue tap asked for two queue pairs: the message says how to make a multi-queue
+/// one. (Creates a tap, so it needs CAP_NET_ADMIN, as CI has.)
+#[test]
+fn single_queue_tap_with_two_queue_pairs() {
+    let dir = TestDir::new("netmq");
+    let k = dir.file("bzImage", &bzimage(0x020f));
+    let name = format!("atl{}", std::process::id() % 100_000);
+    let made = Command::new("ip")
+        .args(["tuntap", "add", &name, "mode", "tap"])
+        .status()
+        .expect("run ip");
+    assert!(
+        made.success(),
+        "cannot create tap {name}: this test needs root"
+    );
+    let value = format!("tap={name},queues=2");
+    let result = std::panic::catch_unwind(|| {
+        rejects(
+            k.as_os_str(),
+            &["--net", &value],
+            &[&format!("--net {value}:"), "multi_queue"],
+        );
+    });
+    let _ = Command::new("ip").args(["link", "del", &name]).status();
+    if let Err(e) = result {
+        std::panic::resume_unwind(e);
+    }
+}
