@@ -121,4 +121,21 @@ pub struct RunArgs {
         value_name = "tap=NAME[,mac=MAC][,queues=N]|fd=N[,mac=MAC]"
     )]
     pub net: Vec<String>,
+
+    /// Refuse to start when the host lacks any confinement measure (user namespaces,
+    /// Landlock, seccomp, a delegated cgroup v2 with memory and pids controllers) instead of
+    /// warning about it.
+    #[arg(long)]
+    pub strict: bool,
+
+    /// Debug one process while the others stay confined; repeatable. NAME is vmm-core or a
+    /// device (disk0, net0, ...; numbered in command-line order). MODE:
+    ///   seccomp-log   log seccomp violations (kernel audit log) instead of killing
+    ///   unconfined    start it with no confinement at all
+    ///   wrap:'CMD'    start it under CMD, e.g. wrap:'strace -f -o /tmp/t' or
+    ///                 wrap:'gdbserver :1234'; the wrapper runs outside the namespaces,
+    ///                 the device still drops privileges with seccomp in log mode
+    /// Its log lines carry its name and pid like every other process's.
+    #[arg(long, value_name = "NAME=MODE", verbatim_doc_comment)]
+    pub debug_device: Vec<String>,
 }

@@ -6,6 +6,7 @@
 
 mod cli;
 mod config;
+mod confine;
 mod console;
 mod net;
 mod restart;
@@ -56,7 +57,21 @@ fn run(args: &cli::RunArgs) -> i32 {
             }
         };
     tracing::debug!(?config, "configuration");
-    match vm::run(config) {
+    // The processes --debug-device may name: the core and every device atoll starts.
+    let mut names = vec![supervisor::VMM_CORE.name.to_owned()];
+    names.extend(config.disks.iter().filter_map(|d| match d {
+        config::Disk::Image(disk) => Some(disk.id.clone()),
+        config::Disk::Socket(_) => None,
+    }));
+    names.extend(config.nets.iter().map(|n| n.id.clone()));
+    let confiner = match confine::Confiner::new(args.strict, &args.debug_device, &names) {
+        Ok(confiner) => confiner,
+        Err(e) => {
+            eprintln!("{LABEL}: error: {e}");
+            return exit_code::USAGE;
+        }
+    };
+    match vm::run(config, confiner) {
         Ok(outcome) => {
             if let Some(summary) = outcome.summary {
                 eprintln!("{LABEL}: {summary}");

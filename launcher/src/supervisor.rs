@@ -13,19 +13,21 @@
 #![forbid(unsafe_code)]
 
 use crate::config::ImageDisk;
+use crate::confine::{Confiner, Kind};
 use crate::net::Nic;
 use crate::restart::{Decision, RestartPolicy};
 use ipc::control::CORE_CONTROL_FD;
-use ipc::spawn::{Inherit, spawn_with_fds};
+use ipc::sandbox::spawn::SpawnError;
+use ipc::sandbox::{ConfinedChild, ConfinedCommand};
+use ipc::spawn::Inherit;
 use std::ffi::OsString;
 use std::fs::DirBuilder;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus};
+use std::process::ExitStatus;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -34,6 +36,16 @@ use std::time::{Duration, Instant};
 /// from 4 on.
 pub const DEVICE_SOCKET_FD: i32 = 3;
 pub const DEVICE_FIRST_RESOURCE_FD: i32 = 4;
+
+/// How long a new child may take to lock itself down and report its confinement.
+const REPORT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The size of an image file or block device (0 if it cannot be told).
+fn image_size(image: &std::fs::File) -> u64 {
+    use std::io::Seek;
+    let mut f = image;
+    f.seek(std::io::SeekFrom::End(0)).unwrap_or(0)
+}
 
 /// The longest path a UNIX socket address holds (`sun_path` minus the NUL).
 const MAX_SOCKET_PATH: usize = 107;
@@ -65,6 +77,8 @@ pub enum SupervisorError {
         #[source]
         source: io::Error,
     },
+    #[error(transparent)]
+    Confine(crate::confine::ConfineError),
     #[error("cannot connect to {}", .path.display())]
     Connect {
         path: PathBuf,
@@ -176,12 +190,12 @@ impl Drop for RuntimeDir {
 /// A running or exited child.
 #[derive(Debug)]
 struct ChildProcess {
-    child: Child,
+    child: ConfinedChild,
     status: Option<ExitStatus>,
 }
 
 impl ChildProcess {
-    fn new(child: Child) -> Self {
+    fn new(child: ConfinedChild) -> Self {
         Self {
             child,
             status: None,
@@ -189,7 +203,7 @@ impl ChildProcess {
     }
 
     fn pid(&self) -> u32 {
-        self.child.id()
+        self.child.pid()
     }
 
     /// Collects the exit status if the child has exited; returns it only the first time.
@@ -225,15 +239,38 @@ impl ChildProcess {
     /// Kills the child (if it still runs) and collects its status.
     fn kill(&mut self) -> Option<ExitStatus> {
         if self.status.is_none() {
-            // An error means it has already exited; wait() below collects it either way.
-            let _ = self.child.kill();
-            match self.child.wait() {
+            match self.child.kill() {
                 Ok(status) => self.status = Some(status),
-                Err(e) => tracing::warn!("cannot wait for pid {}: {e}", self.pid()),
+                Err(e) => tracing::warn!("cannot kill pid {}: {e}", self.pid()),
             }
         }
         self.status
     }
+}
+
+/// Starts `cmd` with `fds`, and prints (first start) or logs (restarts) the confinement it
+/// got, once the process has locked itself down.
+fn start_confined(
+    cmd: &ConfinedCommand,
+    fds: &[Inherit<'_>],
+    kind: HelperBinary,
+    program: &Path,
+    first: bool,
+) -> Result<ChildProcess, SupervisorError> {
+    let mut child = cmd.spawn(fds).map_err(|e| {
+        let source = match e {
+            SpawnError::Child { source, .. } => source,
+            other => io::Error::other(other.to_string()),
+        };
+        kind.spawn_error(program, source)
+    })?;
+    let report = child.read_report(REPORT_TIMEOUT);
+    if first {
+        eprintln!("atoll: confinement: {report}");
+    } else {
+        tracing::info!("{report}");
+    }
+    Ok(ChildProcess::new(child))
 }
 
 /// A device process and what it takes to start it (again).
@@ -243,7 +280,8 @@ pub struct DeviceProcess {
     id: String,
     kind: HelperBinary,
     program: PathBuf,
-    args: Vec<OsString>,
+    /// How it is started, confined (the same for every incarnation).
+    command: ConfinedCommand,
     /// The listening vhost-user socket; the launcher owns it for the VM's lifetime so that a
     /// new incarnation accepts on the same socket.
     listener: UnixListener,
@@ -261,8 +299,6 @@ impl DeviceProcess {
     /// Starts (or starts again) the device process with its socket at
     /// [`DEVICE_SOCKET_FD`] and its resources after it.
     pub fn spawn(&mut self) -> Result<(), SupervisorError> {
-        let mut cmd = Command::new(&self.program);
-        cmd.args(&self.args).process_group(0);
         let mut fds = vec![Inherit {
             fd: self.listener.as_fd(),
             target: DEVICE_SOCKET_FD,
@@ -275,10 +311,10 @@ impl DeviceProcess {
                     target,
                 }),
         );
-        let child =
-            spawn_with_fds(&mut cmd, &fds).map_err(|e| self.kind.spawn_error(&self.program, e))?;
-        tracing::info!(device = %self.id, pid = child.id(), "started {}", self.kind.name);
-        self.process = Some(ChildProcess::new(child));
+        let first = self.process.is_none();
+        let process = start_confined(&self.command, &fds, self.kind, &self.program, first)?;
+        tracing::info!(device = %self.id, pid = process.pid(), "started {}", self.kind.name);
+        self.process = Some(process);
         Ok(())
     }
 
@@ -345,8 +381,8 @@ pub enum Exited {
 }
 
 /// Owns atoll's children and the resources they are started with.
-#[derive(Debug, Default)]
 pub struct Supervisor {
+    confiner: Confiner,
     core: Option<ChildProcess>,
     devices: Vec<DeviceProcess>,
     // Dropped after the devices (field order), so the sockets close before their directory
@@ -355,9 +391,14 @@ pub struct Supervisor {
 }
 
 impl Supervisor {
-    /// A supervisor with no children.
-    pub fn new() -> Self {
-        Self::default()
+    /// A supervisor with no children; `confiner` says how to start them.
+    pub fn new(confiner: Confiner) -> Self {
+        Self {
+            confiner,
+            core: None,
+            devices: Vec::new(),
+            runtime_dir: None,
+        }
     }
 
     /// Starts the backend of `disk` on a new listening socket and returns a stream connected
@@ -368,7 +409,19 @@ impl Supervisor {
         program: &Path,
     ) -> Result<UnixStream, SupervisorError> {
         let args = dev_blk_args(&disk);
-        self.start_device(disk.id, DEV_BLK, program, args, vec![disk.image.into()])
+        let image_bytes = image_size(&disk.image);
+        let kind = Kind::Blk {
+            image_bytes,
+            queues: disk.spec.queues,
+        };
+        self.start_device(
+            disk.id,
+            DEV_BLK,
+            program,
+            args,
+            kind,
+            vec![disk.image.into()],
+        )
     }
 
     /// Starts the backend of `nic` on a new listening socket and returns a stream connected to
@@ -377,7 +430,10 @@ impl Supervisor {
         let args = dev_net_args(&nic);
         tracing::info!(device = %nic.id, tap = %nic.ifname, mac = %nic.mac,
             queue_pairs = nic.taps.len(), "starting dev-net");
-        self.start_device(nic.id, DEV_NET, program, args, nic.taps)
+        let kind = Kind::Net {
+            pairs: nic.queue_pairs(),
+        };
+        self.start_device(nic.id, DEV_NET, program, args, kind, nic.taps)
     }
 
     fn start_device(
@@ -386,8 +442,13 @@ impl Supervisor {
         kind: HelperBinary,
         program: &Path,
         args: Vec<OsString>,
+        limits: Kind,
         resources: Vec<OwnedFd>,
     ) -> Result<UnixStream, SupervisorError> {
+        let command = self
+            .confiner
+            .command(&id, program, &args, limits)
+            .map_err(SupervisorError::Confine)?;
         let dir = match &mut self.runtime_dir {
             Some(dir) => dir,
             none => none.insert(RuntimeDir::create()?),
@@ -402,7 +463,7 @@ impl Supervisor {
                 source,
             })?;
         let mut device = DeviceProcess {
-            args,
+            command,
             id,
             kind,
             program: program.to_owned(),
@@ -421,20 +482,29 @@ impl Supervisor {
     }
 
     /// Starts `vmm-core` with `control` as its only inherited descriptor besides stdio.
-    pub fn start_core(&mut self, program: &Path, control: OwnedFd) -> Result<u32, SupervisorError> {
-        let mut cmd = Command::new(program);
-        cmd.process_group(0);
-        let child = spawn_with_fds(
-            &mut cmd,
+    pub fn start_core(
+        &mut self,
+        program: &Path,
+        control: OwnedFd,
+        limits: Kind,
+    ) -> Result<u32, SupervisorError> {
+        let cmd = self
+            .confiner
+            .command(VMM_CORE.name, program, &[], limits)
+            .map_err(SupervisorError::Confine)?;
+        let process = start_confined(
+            &cmd,
             &[Inherit {
                 fd: control.as_fd(),
                 target: CORE_CONTROL_FD,
             }],
-        )
-        .map_err(|e| VMM_CORE.spawn_error(program, e))?;
-        let pid = child.id();
+            VMM_CORE,
+            program,
+            true,
+        )?;
+        let pid = process.pid();
         tracing::info!(pid, "started vmm-core");
-        self.core = Some(ChildProcess::new(child));
+        self.core = Some(process);
         Ok(pid)
     }
 
@@ -614,7 +684,7 @@ mod tests {
         std::fs::write(
             &script,
             format!(
-                "#!/bin/sh\necho \"$*\" > {r}.tmp\nreadlink /proc/self/fd/4 >> {r}.tmp\n\
+                "#!/bin/sh\neval \"exec $ATOLL_CONFINE_REPORT_FD>&-\"\necho \"$*\" > {r}.tmp\nreadlink /proc/self/fd/4 >> {r}.tmp\n\
                  [ -S /proc/self/fd/3 ] || ls -l /proc/self/fd/3 >> {r}.tmp\n\
                  mv {r}.tmp {r}\nexit 7\n",
                 r = report.display()
@@ -629,7 +699,14 @@ mod tests {
             spec: image_spec(&format!("path={},readonly=on", image_path.display())),
             image: File::open(&image_path).unwrap(),
         };
-        let mut sup = Supervisor::new();
+        // The stand-in is a shell script writing into the test's directory: unconfined.
+        let confiner = Confiner::new(
+            false,
+            &["disk0=unconfined".to_owned()],
+            &["disk0".to_owned()],
+        )
+        .unwrap();
+        let mut sup = Supervisor::new(confiner);
         let _stream = sup.start_disk(d, &script).unwrap();
         let deadline = Instant::now() + Duration::from_secs(20);
         let mut exits = Vec::new();

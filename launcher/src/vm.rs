@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 use crate::config::{Disk, RunConfig};
+use crate::confine::{Confiner, Kind};
 use crate::console::{ConsoleError, ConsolePumps, RawTerminal};
 use crate::restart::Decision;
 use crate::supervisor::{DEV_BLK, DEV_NET, Exited, Supervisor, SupervisorError, VMM_CORE};
@@ -127,7 +128,7 @@ pub fn create_guest_ram(bytes: u64) -> Result<memfd::Memfd, VmError> {
 }
 
 /// Runs the VM described by `config` until it ends.
-pub fn run(config: RunConfig) -> Result<Outcome, VmError> {
+pub fn run(config: RunConfig, confiner: Confiner) -> Result<Outcome, VmError> {
     let core_bin = VMM_CORE.locate()?;
     let dev_blk_bin = DEV_BLK.locate()?;
     let dev_net_bin = DEV_NET.locate()?;
@@ -161,7 +162,7 @@ pub fn run(config: RunConfig) -> Result<Outcome, VmError> {
         })
         .map_err(VmError::Thread)?;
 
-    let mut supervisor = Supervisor::new();
+    let mut supervisor = Supervisor::new(confiner);
     let mut disk_configs = Vec::with_capacity(config.disks.len());
     let mut disk_streams = Vec::with_capacity(config.disks.len());
     for disk in config.disks {
@@ -192,7 +193,14 @@ pub fn run(config: RunConfig) -> Result<Outcome, VmError> {
         });
         net_streams.push(supervisor.start_nic(nic, &dev_net_bin)?);
     }
-    let core_pid = supervisor.start_core(&core_bin, control_core)?;
+    let core_pid = supervisor.start_core(
+        &core_bin,
+        control_core,
+        Kind::Core {
+            memory_bytes: config.memory_bytes,
+            cpus: config.cpus,
+        },
+    )?;
 
     let vm_config = VmConfig {
         cpus: config.cpus,

@@ -35,6 +35,7 @@ pub mod modules;
 pub mod net;
 pub mod paths;
 pub mod restart;
+pub mod tiny;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

@@ -22,7 +22,12 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 
 fn main() {
-    let startup_fds = open_fds();
+    // The launcher's confinement report descriptor is not part of what the test checks.
+    let report_fd = std::env::var(ipc::sandbox::REPORT_FD_ENV).ok();
+    let startup_fds = open_fds(report_fd.as_deref());
+    // Like the real core, lock down first: run unconfined (`--debug-device
+    // vmm-core=unconfined`) this only sends the launcher its report.
+    ipc::sandbox::lockdown(&ipc::sandbox::Policy::new("fake-core")).expect("lockdown");
     // The launcher places the control socket at CORE_CONTROL_FD.
     let chan = CoreChannel::from_fd(
         ipc::inherit::take_inherited_fd(CORE_CONTROL_FD).expect("take the control socket"),
@@ -88,7 +93,7 @@ fn main() {
 }
 
 /// The descriptors open in this process, except the one listing them.
-fn open_fds() -> String {
+fn open_fds(except: Option<&str>) -> String {
     let own = format!("/proc/{}/fd", std::process::id());
     let mut fds: Vec<i32> = std::fs::read_dir("/proc/self/fd")
         .expect("list fds")
@@ -96,7 +101,9 @@ fn open_fds() -> String {
             let e = e.ok()?;
             let fd: i32 = e.file_name().to_str()?.parse().ok()?;
             let target = std::fs::read_link(e.path()).ok()?;
-            (target.to_str() != Some(own.as_str())).then_some(fd)
+            let skip = target.to_str() == Some(own.as_str())
+                || except.is_some_and(|x| x == fd.to_string());
+            (!skip).then_some(fd)
         })
         .collect();
     fds.sort_unstable();
