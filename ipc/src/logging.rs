@@ -9,9 +9,36 @@ use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
 use tracing_subscriber::registry::LookupSpan;
 
-/// Installs the global subscriber for process `label`, at `default_level` unless `ATOLL_LOG`
-/// says otherwise. Calling it twice is harmless (the second call does nothing).
-pub fn init(label: &'static str, default_level: &str) {
+/// The environment variable through which the launcher tells a device process its device id
+/// (`disk0`, `net1`, ...), for its log label.
+pub const DEVICE_ENV: &str = "ATOLL_DEVICE";
+
+/// The label of this process's lines: the binary's name, and when the launcher started it
+/// also its device id and its pid as the launcher and `ps` see it, e.g.
+/// `dev-blk disk0 (pid 4242)`. That pid is read from `/proc/self`, which is still the host's
+/// procfs when logging starts (before lockdown), so it is right even inside a new pid
+/// namespace, where the process itself is pid 1.
+fn process_label(binary: &str) -> String {
+    let device = std::env::var(DEVICE_ENV).ok().filter(|d| !d.is_empty());
+    let started_by_atoll = std::env::var_os(crate::sandbox::CONFINE_ENV).is_some();
+    if device.is_none() && !started_by_atoll {
+        return binary.to_owned();
+    }
+    let pid = std::fs::read_link("/proc/self")
+        .ok()
+        .and_then(|p| p.to_str()?.parse::<u32>().ok())
+        .unwrap_or_else(std::process::id);
+    match device {
+        Some(d) => format!("{binary} {d} (pid {pid})"),
+        None => format!("{binary} (pid {pid})"),
+    }
+}
+
+/// Installs the global subscriber for process `binary` (labelled as [`process_label`] says),
+/// at `default_level` unless `ATOLL_LOG` says otherwise. Calling it twice is harmless (the
+/// second call does nothing).
+pub fn init(binary: &'static str, default_level: &str) {
+    let label = process_label(binary);
     let filter =
         EnvFilter::try_from_env("ATOLL_LOG").unwrap_or_else(|_| EnvFilter::new(default_level));
     let json = std::env::var("ATOLL_LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json"));
@@ -22,7 +49,7 @@ pub fn init(label: &'static str, default_level: &str) {
     let _ = if json {
         builder
             .event_format(JsonLabelled {
-                label,
+                label: label.clone(),
                 inner: tracing_subscriber::fmt::format().json(),
             })
             .fmt_fields(tracing_subscriber::fmt::format::JsonFields::new())
@@ -40,7 +67,7 @@ pub fn init(label: &'static str, default_level: &str) {
 
 /// Puts `label: ` in front of another formatter's lines.
 struct Labelled<F> {
-    label: &'static str,
+    label: String,
     inner: F,
 }
 
@@ -63,7 +90,7 @@ where
 
 /// Adds `"process":"<label>"` as the first field of a JSON formatter's objects.
 struct JsonLabelled<F> {
-    label: &'static str,
+    label: String,
     inner: F,
 }
 
@@ -120,7 +147,7 @@ mod tests {
             .with_writer(buf.clone())
             .with_ansi(false)
             .event_format(Labelled {
-                label: "dev-blk",
+                label: "dev-blk".to_owned(),
                 inner: tracing_subscriber::fmt::format(),
             })
             .finish();
@@ -140,7 +167,7 @@ mod tests {
             .with_writer(buf.clone())
             .fmt_fields(tracing_subscriber::fmt::format::JsonFields::new())
             .event_format(JsonLabelled {
-                label: "vmm-core",
+                label: "vmm-core".to_owned(),
                 inner: tracing_subscriber::fmt::format().json(),
             })
             .finish();

@@ -146,6 +146,10 @@ impl Confiner {
     ) -> Result<ConfinedCommand, ConfineError> {
         let mut cmd = ConfinedCommand::new(name, program);
         cmd.args(args.iter().cloned()).process_group(true);
+        if name != crate::supervisor::VMM_CORE.name {
+            // Its log lines then read `dev-blk disk0 (pid N): ...`.
+            cmd.env(ipc::logging::DEVICE_ENV, name);
+        }
         let confinement = self.debug.get(name).cloned().unwrap_or(Confinement::Full);
         cmd.confinement(confinement);
         if let Err(why) = &self.support.namespaces {
