@@ -68,6 +68,10 @@ impl Setup {
 
     /// `atoll run` of the halting guest with the disk and the card, stderr piped.
     fn atoll(&self, env: &[(&str, &Path)]) -> (Child, mpsc::Receiver<String>) {
+        self.atoll_with(env, &[])
+    }
+
+    fn atoll_with(&self, env: &[(&str, &Path)], extra: &[&str]) -> (Child, mpsc::Receiver<String>) {
         assert!(Path::new("/dev/kvm").exists(), "/dev/kvm is missing");
         let mut cmd = Command::new(bin_in("release", "atoll"));
         cmd.args(["run", "--kernel"])
@@ -75,6 +79,7 @@ impl Setup {
             .args(["--memory", "128M", "--disk"])
             .arg(format!("path={}", self.image.display()))
             .args(["--net", &format!("tap={}", self.tap)])
+            .args(extra)
             .env("ATOLL_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -240,4 +245,52 @@ fn escape_attempts_are_killed_by_sigsys() {
             );
         }
     }
+}
+
+/// `--debug-device` changes only the process it names: `disk0` runs unconfined, `net0` under
+/// a wrapper (`env`, which execs the device), and `vmm-core` stays fully confined.
+#[test]
+fn debug_device_modes_apply_to_one_process_only() {
+    let s = Setup::new("debug");
+    let (child, rx) = s.atoll_with(
+        &[],
+        &[
+            "--debug-device",
+            "disk0=unconfined",
+            "--debug-device",
+            "net0=wrap:'env ATOLL_WRAPPED=1'",
+        ],
+    );
+    let lines = lines_until(&rx, Duration::from_secs(60), |l| {
+        reported_pids(l).len() >= 3
+    });
+    let all = lines.join("\n");
+    let line = |name: &str| {
+        lines
+            .iter()
+            .find(|l| l.starts_with(&format!("atoll: confinement: {name} (pid ")))
+            .unwrap_or_else(|| panic!("no confinement line for {name}:\n{all}"))
+            .clone()
+    };
+    assert!(line("disk0").contains("UNCONFINED (debug)"), "{all}");
+    assert!(
+        line("net0").contains("under wrapper `env ATOLL_WRAPPED=1` (debug)"),
+        "{all}"
+    );
+    assert!(line("vmm-core").contains("seccomp kill"), "{all}");
+    let pids = reported_pids(&lines);
+    let pid = |name: &str| {
+        pids.iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, p)| *p)
+            .unwrap()
+    };
+    let status = |p: u32| std::fs::read_to_string(format!("/proc/{p}/status")).unwrap();
+    assert_eq!(status_field(&status(pid("disk0")), "Seccomp"), "0", "{all}");
+    assert_eq!(
+        status_field(&status(pid("vmm-core")), "Seccomp"),
+        "2",
+        "{all}"
+    );
+    stop(child);
 }
