@@ -117,6 +117,85 @@ wait $boot
     script
 }
 
+/// The failing-device guest's `/init` body: prints `LOOP_START`, then writes 4 KiB with
+/// fsync to `/dev/vda` every 0.1 s until a write fails or `testbed.secs` pass; reports
+/// `DD_ERROR` (dd's message, empty if none failed) and `WRITES` (how many succeeded).
+const FAIL_GUEST_BODY: &str = r#"
+secs=$(cmdline_arg secs)
+fact LOOP_START "$(date +%s)"
+end=$(( $(date +%s) + ${secs:-30} ))
+err=
+writes=0
+while [ "$(date +%s)" -lt "$end" ]; do
+    if ! dd if=/dev/urandom of=/dev/vda bs=4k count=1 conv=notrunc,fsync 2>/tmp/dd.err; then
+        err=$(tr '\n' ' ' </tmp/dd.err)
+        break
+    fi
+    writes=$((writes + 1))
+    sleep 0.1
+done
+fact WRITES "$writes"
+fact DD_ERROR "$err"
+finish
+"#;
+
+/// The failing-device guest's whole `/init`.
+pub fn fail_guest_init() -> String {
+    format!("{L2_PRELUDE}{FAIL_GUEST_BODY}")
+}
+
+/// A POSIX shell script for L1: boots `boot` with a disk in the background and, once the
+/// guest loops, SIGKILLs every new `dev-blk` as soon as it appears, until none comes back for
+/// 5 s (the launcher gave up: restart budget spent) or `max_kills` were done; `<out>/kills`
+/// counts them. Then it waits for the boot to end.
+pub fn fail_l1_script(
+    boot: &L2Boot,
+    max_kills: u32,
+    kernel: &Kernel,
+    atoll: &Path,
+    out: &Path,
+) -> String {
+    let mut script = l2::script_start(out);
+    let img = "$tmp/fail.img";
+    let _ = writeln!(script, "dd if=/dev/zero of={img} bs=1M count=4 2>/dev/null");
+    let mut command = boot.command(kernel, atoll);
+    command.push("--disk".to_owned());
+    command.push("path=IMAGE".to_owned());
+    let run = l2::run_command_line(boot, &command).replace("path=IMAGE", &format!("path={img}"));
+    let name = shell_quote(&boot.name);
+    let _ = write!(
+        script,
+        r#"{run_bg} &
+boot=$!
+i=0
+while [ $i -lt {secs} ] && ! grep -q LOOP_START "$tmp/"{name}.log 2>/dev/null; do
+    sleep 0.2
+    i=$((i + 1))
+done
+k=0
+while [ $k -lt {max_kills} ] && kill -0 $boot 2>/dev/null; do
+    j=0
+    pid=
+    while [ $j -lt 100 ]; do
+        pid=$(pgrep -x dev-blk | head -n 1)
+        [ -n "$pid" ] && break
+        sleep 0.05
+        j=$((j + 1))
+    done
+    [ -n "$pid" ] || break
+    kill -KILL "$pid"
+    k=$((k + 1))
+done
+echo "$k" >"$out/kills"
+wait $boot
+"#,
+        run_bg = run.trim_end(),
+        secs = boot.timeout.as_secs() * 5,
+    );
+    script.push_str(l2::SCRIPT_END);
+    script
+}
+
 /// The network guest's modules.
 pub const NET_GUEST_MODULES: &[&str] = &["virtio_pci", "virtio_net", "pvpanic", "pvpanic-mmio"];
 

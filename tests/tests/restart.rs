@@ -201,3 +201,62 @@ fn dev_net_killed_20_times_under_a_ping_flood_and_transfers_recovers() {
     );
     assert_eq!(s.guest.guest_end(), GuestEnd::PowerOff, "{why}");
 }
+
+/// Past its restart budget a device is failed, and the guest gets I/O errors, not a hang: L1
+/// kills every new dev-blk at once until the launcher stops restarting it.
+#[test]
+fn a_device_past_its_restart_budget_fails_with_io_errors_not_a_hang() {
+    let run = || -> Result<(L2Outcome, String, String)> {
+        let atoll = release_bin("atoll")?;
+        release_bin("vmm-core")?;
+        release_bin("dev-blk")?;
+        let testbed = Testbed::setup()?;
+        let work = testbed.work_dir("restart-fail-l1")?;
+        let initramfs = work.join("restart-fail.cpio");
+        testbed.write_l2_initramfs(&initramfs, GUEST_MODULES, &restart::fail_guest_init())?;
+        let boot = L2Boot {
+            name: "blk-fails".into(),
+            vmm: Vmm::Atoll,
+            cpus: 1,
+            memory_mib: 256,
+            cmdline: restart::guest_cmdline(LOOP_SECS),
+            initramfs,
+            timeout: BOOT_TIMEOUT,
+        };
+        let out = work.join("l2");
+        let script = restart::fail_l1_script(&boot, 60, &testbed.kernel, &atoll, &out);
+        let run = testbed.run_script(
+            &work,
+            &script,
+            BOOT_TIMEOUT + Duration::from_secs(120),
+            false,
+        )?;
+        ensure!(
+            run.status == 0,
+            "the L1 script failed with status {}; see {}",
+            run.status,
+            run.log.display()
+        );
+        let kills = std::fs::read_to_string(out.join("kills")).unwrap_or_default();
+        let log = std::fs::read_to_string(out.join("blk-fails.log")).unwrap_or_default();
+        Ok((L2Outcome::read(&boot, &out), kills, log))
+    };
+    let (o, kills, log) = run().unwrap_or_else(|e| panic!("the L1 session failed: {e:#}"));
+    let why = o.describe();
+    let kills: u32 = kills.trim().parse().unwrap_or(0);
+    // The budget is 30 restarts: the 31st death is the last.
+    assert_eq!(kills, 31, "deaths until the launcher gave up: {why}");
+    assert!(
+        log.contains("used up its restart budget"),
+        "the launcher did not mark the device failed: {why}"
+    );
+    assert!(
+        o.fact("DD_ERROR").is_some_and(|e| !e.is_empty()),
+        "the guest's writes never failed: {why}"
+    );
+    assert_eq!(
+        o.guest_end(),
+        GuestEnd::PowerOff,
+        "the VM must run on: {why}"
+    );
+}
