@@ -16,6 +16,13 @@
 //! the whole setup on a new connection and resumes each ring at the guest's `used.idx`, which
 //! is exact for backends that complete each queue in order (ours do).
 //!
+//! Why `used.idx` and not `INFLIGHT_SHMFD`: the in-flight region only helps backends that
+//! complete out of order, and `vhost-user-backend` 0.24 (which dev-blk and dev-net build on)
+//! does not implement it, nor does qemu-storage-daemon need it for in-order export queues.
+//! Replaying from `used.idx` re-executes what the dead backend had taken but not completed:
+//! idempotent for block reads, writes and flushes; a network frame may be sent twice, which
+//! the protocols above Ethernet tolerate. Nothing the guest submitted is lost or failed.
+//!
 //! Every exchange (the handshake, an activation, a reset, a config write) must finish within
 //! [`SOCKET_TIMEOUT`], so a stuck backend costs a vCPU at most that long: a watchdog shuts the
 //! socket down when the deadline passes, and an exchange that overran it fails even if its
