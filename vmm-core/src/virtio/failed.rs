@@ -284,7 +284,10 @@ mod tests {
         let avail_event = GuestAddress(config.used + 4 + 8 * 16);
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         while m.read_obj::<u16>(avail_event).unwrap() != 1 {
-            assert!(std::time::Instant::now() < deadline, "avail_event not moved");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "avail_event not moved"
+            );
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
         drop(drainer);

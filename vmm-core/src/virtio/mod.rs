@@ -151,37 +151,38 @@ impl Devices {
     /// Carries out `request` on device `id`; the error is a sentence for the launcher.
     pub fn handle(&self, id: &str, request: DeviceRequest) -> Result<(), String> {
         if let Some((_, dev)) = self.blk.iter().find(|(i, _)| i == id) {
-            let mut d = dev.lock().expect("virtio device lock poisoned");
-            return match request {
-                DeviceRequest::Down => {
-                    d.backend_down();
-                    Ok(())
-                }
-                DeviceRequest::Reconnect(stream) => d
-                    .reconnect_backend(stream)
-                    .map_err(|e| crate::error_chain(&e)),
-                DeviceRequest::Fail => {
-                    d.fail_backend();
-                    Ok(())
-                }
-            };
+            return apply(
+                &mut *dev.lock().expect("virtio device lock poisoned"),
+                request,
+            );
         }
         if let Some((_, dev)) = self.net.iter().find(|(i, _)| i == id) {
-            let mut d = dev.lock().expect("virtio device lock poisoned");
-            return match request {
-                DeviceRequest::Down => {
-                    d.backend_down();
-                    Ok(())
-                }
-                DeviceRequest::Reconnect(stream) => d
-                    .reconnect_backend(stream)
-                    .map_err(|e| crate::error_chain(&e)),
-                DeviceRequest::Fail => {
-                    d.fail_backend();
-                    Ok(())
-                }
-            };
+            return apply(
+                &mut *dev.lock().expect("virtio device lock poisoned"),
+                request,
+            );
         }
         Err(format!("no vhost-user device {id}"))
     }
+}
+
+/// What a vhost-user device does when its backend process dies, comes back or is given up.
+pub trait Restartable {
+    fn backend_down(&mut self);
+    fn reconnect_backend(
+        &mut self,
+        stream: std::os::unix::net::UnixStream,
+    ) -> Result<(), vhost_user::VhostUserError>;
+    fn fail_backend(&mut self);
+}
+
+fn apply(dev: &mut impl Restartable, request: DeviceRequest) -> Result<(), String> {
+    match request {
+        DeviceRequest::Down => dev.backend_down(),
+        DeviceRequest::Reconnect(stream) => dev
+            .reconnect_backend(stream)
+            .map_err(|e| crate::error_chain(&e))?,
+        DeviceRequest::Fail => dev.fail_backend(),
+    }
+    Ok(())
 }

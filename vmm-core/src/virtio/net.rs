@@ -575,9 +575,9 @@ impl NetDevice {
     }
 }
 
-impl VirtioPciDevice<NetDevice> {
+impl super::Restartable for VirtioPciDevice<NetDevice> {
     /// The backend process died: drop its connection and show the link down.
-    pub fn backend_down(&mut self) {
+    fn backend_down(&mut self) {
         self.backend_mut().backend.disconnect_quietly();
         if self.backend_mut().set_link(false) {
             self.notify_config_changed();
@@ -586,7 +586,7 @@ impl VirtioPciDevice<NetDevice> {
 
     /// A new backend incarnation: replay the setup on `stream`, resume the rings (with the
     /// queue pairs the driver enabled) and bring the link back up.
-    pub fn reconnect_backend(&mut self, stream: UnixStream) -> Result<(), VhostUserError> {
+    fn reconnect_backend(&mut self, stream: UnixStream) -> Result<(), VhostUserError> {
         self.backend_mut().backend.reconnect(stream)?;
         if self.backend_mut().set_link(true) {
             self.notify_config_changed();
@@ -595,7 +595,7 @@ impl VirtioPciDevice<NetDevice> {
     }
 
     /// The backend will not come back: transmitted frames are dropped, the link stays down.
-    pub fn fail_backend(&mut self) {
+    fn fail_backend(&mut self) {
         self.backend_mut()
             .backend
             .fail(Arc::new(super::failed::NetDrop));

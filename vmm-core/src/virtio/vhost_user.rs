@@ -743,20 +743,20 @@ impl VirtioBackend for VhostUserDevice {
     }
 }
 
-impl VirtioPciDevice<VhostUserDevice> {
+impl super::Restartable for VirtioPciDevice<VhostUserDevice> {
     /// See [`VhostUserDevice::disconnect_quietly`].
-    pub fn backend_down(&mut self) {
+    fn backend_down(&mut self) {
         self.backend_mut().disconnect_quietly();
     }
 
     /// The backend will not come back: requests fail with `VIRTIO_BLK_S_IOERR`.
-    pub fn fail_backend(&mut self) {
+    fn fail_backend(&mut self) {
         self.backend_mut().fail(Arc::new(super::failed::BlkIoError));
     }
 
     /// Reconnects the backend ([`VhostUserDevice::reconnect`]) and tells the driver if the
     /// config space changed.
-    pub fn reconnect_backend(&mut self, stream: UnixStream) -> Result<(), VhostUserError> {
+    fn reconnect_backend(&mut self, stream: UnixStream) -> Result<(), VhostUserError> {
         if self.backend_mut().reconnect(stream)? {
             self.notify_config_changed();
         }

@@ -8,6 +8,7 @@
 
 use super::*;
 use crate::memory::{self, GuestMemoryMmap};
+use crate::virtio::Restartable;
 use crate::virtio::status;
 use crate::virtio::vhost_user::{
     ConfigPolicy, VhostUserDevice, VhostUserError, VhostUserParams, with_deadline,
