@@ -33,3 +33,18 @@ pub fn cache_dir() -> PathBuf {
 pub fn runs_dir() -> PathBuf {
     target_dir().join("testbed")
 }
+
+/// A release binary the whole-VM tests need is not built.
+#[derive(Debug, thiserror::Error)]
+#[error("{} does not exist: these tests run after `cargo build --release --workspace`", .0.display())]
+pub struct MissingBinary(pub PathBuf);
+
+/// [`release_bin`], which must exist.
+pub fn require_release_bin(name: &str) -> Result<PathBuf, MissingBinary> {
+    let path = release_bin(name);
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(MissingBinary(path))
+    }
+}

@@ -37,15 +37,6 @@ const QEMU_TIMEOUT: Duration = Duration::from_secs(180);
 const A_SIZE: usize = 8 << 20;
 const B_SIZE: usize = 4 << 20;
 
-fn release_bin(name: &str) -> Result<PathBuf> {
-    let path = paths::release_bin(name);
-    ensure!(
-        path.is_file(),
-        "{} does not exist: these tests run after `cargo build --release --workspace`",
-        path.display()
-    );
-    Ok(path)
-}
 
 fn sectors(bytes: usize) -> String {
     (bytes / 512).to_string()
@@ -67,7 +58,7 @@ impl DevBlk {
         let socket = work.join(format!("{name}.sock"));
         let log = work.join(format!("{name}.dev-blk.log"));
         let log_file = std::fs::File::create(&log)?;
-        let child = Command::new(release_bin("dev-blk")?)
+        let child = Command::new(paths::require_release_bin("dev-blk")?)
             .arg("--socket")
             .arg(&socket)
             .arg("--image")
@@ -347,9 +338,9 @@ struct L1Session {
 }
 
 fn run_l1() -> Result<L1Session> {
-    let atoll = release_bin("atoll")?;
-    release_bin("vmm-core")?;
-    release_bin("dev-blk")?;
+    let atoll = paths::require_release_bin("atoll")?;
+    paths::require_release_bin("vmm-core")?;
+    paths::require_release_bin("dev-blk")?;
     TimedCommand::new("qemu-storage-daemon", Duration::from_secs(30))
         .arg("--version")
         .output_ok()

@@ -4,7 +4,6 @@
 //! own dev-net. Over each card the guest pings L1 and L1 pings the guest, and a 4 MiB file
 //! goes each way with its md5 compared at both ends. Needs `cargo build --release` first.
 
-use std::path::PathBuf;
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -21,15 +20,6 @@ const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
 const GUEST_WAIT_SECS: u64 = 200;
 const MAC0: &str = "52:54:00:12:34:56";
 
-fn release_bin(name: &str) -> Result<PathBuf> {
-    let path = paths::release_bin(name);
-    ensure!(
-        path.is_file(),
-        "{} does not exist: these tests run after `cargo build --release --workspace`",
-        path.display()
-    );
-    Ok(path)
-}
 
 fn cards() -> Vec<Card> {
     vec![
@@ -61,9 +51,9 @@ struct Session {
 }
 
 fn run_l1() -> Result<Session> {
-    let atoll = release_bin("atoll")?;
-    release_bin("vmm-core")?;
-    release_bin("dev-net")?;
+    let atoll = paths::require_release_bin("atoll")?;
+    paths::require_release_bin("vmm-core")?;
+    paths::require_release_bin("dev-net")?;
     let testbed = Testbed::setup()?;
     let work = testbed.work_dir("net-l1")?;
     let initramfs = work.join("net.cpio");

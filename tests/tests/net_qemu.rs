@@ -33,15 +33,6 @@ const MAC: &str = "52:54:00:ab:cd:ef";
 /// Names of this test's network namespaces: the prefix, then the test process's pid.
 const NETNS_PREFIX: &str = "atoll-netqemu-";
 
-fn release_bin(name: &str) -> Result<PathBuf> {
-    let path = paths::release_bin(name);
-    ensure!(
-        path.is_file(),
-        "{} does not exist: these tests run after `cargo build --release --workspace`",
-        path.display()
-    );
-    Ok(path)
-}
 
 /// Output of a finished command, for messages.
 fn output_text(out: &std::process::Output) -> String {
@@ -192,7 +183,7 @@ impl DevNet {
     /// Starts `dev-net --socket <work>/net.sock --tap <tap> --mac MAC` in `ns` and waits for
     /// its socket.
     fn start(ns: &NetNs, work: &Path, tap: &str) -> Result<(Self, PathBuf)> {
-        let bin = release_bin("dev-net")?;
+        let bin = paths::require_release_bin("dev-net")?;
         let socket = work.join("net.sock");
         let log = work.join("dev-net.log");
         let log_file = std::fs::File::create(&log)?;

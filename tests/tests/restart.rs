@@ -3,9 +3,10 @@
 //! reads each back uncached, in a loop, while `dev-blk` is SIGKILLed 20 times at random
 //! moments. The launcher restarts it each time, the core reconnects and resumes the rings from
 //! the guest's `used.idx`: the guest sees no I/O error, every chunk verifies, and the VM runs
-//! on to its normal power-off. Needs `cargo build --release` first.
+//! on to its normal power-off. The same for `dev-net` under a ping flood and repeated
+//! transfers; and a device killed past its restart budget is failed: the guest gets I/O
+//! errors, not a hang. Needs `cargo build --release` first.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Result, ensure};
@@ -19,58 +20,67 @@ const KILLS: u32 = 20;
 const LOOP_SECS: u32 = 240;
 const BOOT_TIMEOUT: Duration = Duration::from_secs(420);
 
-fn release_bin(name: &str) -> Result<PathBuf> {
-    let path = paths::release_bin(name);
-    ensure!(
-        path.is_file(),
-        "{} does not exist: these tests run after `cargo build --release --workspace`",
-        path.display()
-    );
-    Ok(path)
-}
-
-/// What one kill session left: the guest's facts, the kills (old and new pid per line), and
-/// for the network session L1's ping results.
-struct KillSession {
+/// What one session left: the guest's facts and L1's files in the output directory.
+struct Session {
     guest: L2Outcome,
-    kills: String,
-    flood: String,
-    ping_after_rc: String,
+    out: std::path::PathBuf,
 }
 
-fn run_l1() -> Result<(L2Outcome, String)> {
-    let atoll = release_bin("atoll")?;
-    release_bin("vmm-core")?;
-    release_bin("dev-blk")?;
-    let testbed = Testbed::setup()?;
-    let work = testbed.work_dir("restart-l1")?;
-    let initramfs = work.join("restart.cpio");
-    testbed.write_l2_initramfs(&initramfs, GUEST_MODULES, &restart::guest_init())?;
-    let boot = L2Boot {
-        name: "blk-kills".into(),
-        vmm: Vmm::Atoll,
-        cpus: 1,
-        memory_mib: 256,
-        cmdline: restart::guest_cmdline(LOOP_SECS),
-        initramfs,
-        timeout: BOOT_TIMEOUT,
+impl Session {
+    /// An L1 file of the session (empty when it is missing).
+    fn file(&self, name: &str) -> String {
+        std::fs::read_to_string(self.out.join(name))
+            .unwrap_or_default()
+            .trim()
+            .to_owned()
+    }
+}
+
+/// The L1 side of a scenario: `(boot, kernel, atoll, out) -> script`.
+type L1Script =
+    fn(&L2Boot, &atoll_tests::kernel::Kernel, &std::path::Path, &std::path::Path) -> String;
+
+/// Boots the guest `init` (with `modules`) in L1 under `script`, and returns what it left.
+fn run_session(
+    name: &str,
+    device: &str,
+    modules: &[&str],
+    init: &str,
+    script: L1Script,
+) -> Session {
+    let run = || -> Result<Session> {
+        let atoll = paths::require_release_bin("atoll")?;
+        paths::require_release_bin("vmm-core")?;
+        paths::require_release_bin(device)?;
+        let testbed = Testbed::setup()?;
+        let work = testbed.work_dir(&format!("restart-{name}-l1"))?;
+        let initramfs = work.join(format!("{name}.cpio"));
+        testbed.write_l2_initramfs(&initramfs, modules, init)?;
+        let boot = L2Boot {
+            name: name.into(),
+            vmm: Vmm::Atoll,
+            cpus: 1,
+            memory_mib: 256,
+            cmdline: restart::guest_cmdline(LOOP_SECS),
+            initramfs,
+            timeout: BOOT_TIMEOUT,
+        };
+        let out = work.join("l2");
+        let text = script(&boot, &testbed.kernel, &atoll, &out);
+        let run =
+            testbed.run_script(&work, &text, BOOT_TIMEOUT + Duration::from_secs(120), false)?;
+        ensure!(
+            run.status == 0,
+            "the L1 script failed with status {}; see {}",
+            run.status,
+            run.log.display()
+        );
+        Ok(Session {
+            guest: L2Outcome::read(&boot, &out),
+            out,
+        })
     };
-    let out = work.join("l2");
-    let script = restart::l1_script(&boot, KILLS, &testbed.kernel, &atoll, &out);
-    let run = testbed.run_script(
-        &work,
-        &script,
-        BOOT_TIMEOUT + Duration::from_secs(120),
-        false,
-    )?;
-    ensure!(
-        run.status == 0,
-        "the L1 script failed with status {}; see {}",
-        run.status,
-        run.log.display()
-    );
-    let kills = std::fs::read_to_string(out.join("kills")).unwrap_or_default();
-    Ok((L2Outcome::read(&boot, &out), kills))
+    run().unwrap_or_else(|e| panic!("the L1 session failed: {e:#}"))
 }
 
 /// Every kill was followed by a new process.
@@ -93,9 +103,16 @@ fn assert_all_kills_restarted(kills: &str, why: &str) {
 
 #[test]
 fn dev_blk_killed_20_times_under_io_loses_nothing() {
-    let (o, kills) = run_l1().unwrap_or_else(|e| panic!("the L1 session failed: {e:#}"));
+    let s = run_session(
+        "blk-kills",
+        "dev-blk",
+        GUEST_MODULES,
+        &restart::guest_init(),
+        |b, k, a, o| restart::l1_script(b, KILLS, k, a, o),
+    );
+    let o = &s.guest;
     let why = o.describe();
-    assert_all_kills_restarted(&kills, &why);
+    assert_all_kills_restarted(&s.file("kills"), &why);
     assert_eq!(o.fact("MODULES_FAILED"), Some(""), "{why}");
     let rounds: u32 = o
         .fact("ROUNDS")
@@ -125,51 +142,18 @@ fn dev_blk_killed_20_times_under_io_loses_nothing() {
     );
 }
 
-fn run_net_l1() -> Result<KillSession> {
-    let atoll = release_bin("atoll")?;
-    release_bin("vmm-core")?;
-    release_bin("dev-net")?;
-    let testbed = Testbed::setup()?;
-    let work = testbed.work_dir("restart-net-l1")?;
-    let initramfs = work.join("restart-net.cpio");
-    testbed.write_l2_initramfs(&initramfs, NET_GUEST_MODULES, &restart::net_guest_init())?;
-    let boot = L2Boot {
-        name: "net-kills".into(),
-        vmm: Vmm::Atoll,
-        cpus: 1,
-        memory_mib: 256,
-        cmdline: restart::guest_cmdline(LOOP_SECS),
-        initramfs,
-        timeout: BOOT_TIMEOUT,
-    };
-    let out = work.join("l2");
-    let script = restart::net_l1_script(&boot, KILLS, &testbed.kernel, &atoll, &out);
-    let run = testbed.run_script(
-        &work,
-        &script,
-        BOOT_TIMEOUT + Duration::from_secs(120),
-        false,
-    )?;
-    ensure!(
-        run.status == 0,
-        "the L1 script failed with status {}; see {}",
-        run.status,
-        run.log.display()
-    );
-    let read = |name: &str| std::fs::read_to_string(out.join(name)).unwrap_or_default();
-    Ok(KillSession {
-        guest: L2Outcome::read(&boot, &out),
-        kills: read("kills"),
-        flood: read("flood.log"),
-        ping_after_rc: read("ping-after.rc").trim().to_owned(),
-    })
-}
-
 #[test]
 fn dev_net_killed_20_times_under_a_ping_flood_and_transfers_recovers() {
-    let s = run_net_l1().unwrap_or_else(|e| panic!("the L1 session failed: {e:#}"));
+    let s = run_session(
+        "net-kills",
+        "dev-net",
+        NET_GUEST_MODULES,
+        &restart::net_guest_init(),
+        |b, k, a, o| restart::net_l1_script(b, KILLS, k, a, o),
+    );
     let why = s.guest.describe();
-    assert_all_kills_restarted(&s.kills, &why);
+    assert_all_kills_restarted(&s.file("kills"), &why);
+    let flood = s.file("flood.log");
     assert_eq!(s.guest.fact("MODULES_FAILED"), Some(""), "{why}");
     let rounds: u32 = s
         .guest
@@ -191,12 +175,12 @@ fn dev_net_killed_20_times_under_a_ping_flood_and_transfers_recovers() {
         s.guest.fact("FIRST_BAD")
     );
     assert!(
-        s.flood.contains("packets received") && !s.flood.contains(" 0 packets received"),
-        "the ping flood got no replies: {}",
-        s.flood
+        flood.contains("packets received") && !flood.contains(" 0 packets received"),
+        "the ping flood got no replies: {flood}"
     );
     assert_eq!(
-        s.ping_after_rc, "0",
+        s.file("ping-after.rc"),
+        "0",
         "the link must come back after the kills: {why}"
     );
     assert_eq!(s.guest.guest_end(), GuestEnd::PowerOff, "{why}");
@@ -206,42 +190,16 @@ fn dev_net_killed_20_times_under_a_ping_flood_and_transfers_recovers() {
 /// kills every new dev-blk at once until the launcher stops restarting it.
 #[test]
 fn a_device_past_its_restart_budget_fails_with_io_errors_not_a_hang() {
-    let run = || -> Result<(L2Outcome, String, String)> {
-        let atoll = release_bin("atoll")?;
-        release_bin("vmm-core")?;
-        release_bin("dev-blk")?;
-        let testbed = Testbed::setup()?;
-        let work = testbed.work_dir("restart-fail-l1")?;
-        let initramfs = work.join("restart-fail.cpio");
-        testbed.write_l2_initramfs(&initramfs, GUEST_MODULES, &restart::fail_guest_init())?;
-        let boot = L2Boot {
-            name: "blk-fails".into(),
-            vmm: Vmm::Atoll,
-            cpus: 1,
-            memory_mib: 256,
-            cmdline: restart::guest_cmdline(LOOP_SECS),
-            initramfs,
-            timeout: BOOT_TIMEOUT,
-        };
-        let out = work.join("l2");
-        let script = restart::fail_l1_script(&boot, 60, &testbed.kernel, &atoll, &out);
-        let run = testbed.run_script(
-            &work,
-            &script,
-            BOOT_TIMEOUT + Duration::from_secs(120),
-            false,
-        )?;
-        ensure!(
-            run.status == 0,
-            "the L1 script failed with status {}; see {}",
-            run.status,
-            run.log.display()
-        );
-        let kills = std::fs::read_to_string(out.join("kills")).unwrap_or_default();
-        let log = std::fs::read_to_string(out.join("blk-fails.log")).unwrap_or_default();
-        Ok((L2Outcome::read(&boot, &out), kills, log))
-    };
-    let (o, kills, log) = run().unwrap_or_else(|e| panic!("the L1 session failed: {e:#}"));
+    let s = run_session(
+        "blk-fails",
+        "dev-blk",
+        GUEST_MODULES,
+        &restart::fail_guest_init(),
+        |b, k, a, o| restart::fail_l1_script(b, 60, k, a, o),
+    );
+    let o = &s.guest;
+    let log = s.file("blk-fails.log");
+    let kills = s.file("kills");
     let why = o.describe();
     let kills: u32 = kills.trim().parse().unwrap_or(0);
     // The budget is 30 restarts: the 31st death is the last.
