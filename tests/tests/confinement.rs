@@ -294,3 +294,47 @@ fn debug_device_modes_apply_to_one_process_only() {
     );
     stop(child);
 }
+
+/// `--net fd=N`: a tap descriptor opened by a management layer (here this test) and inherited
+/// by atoll serves the card; atoll opens no tap itself.
+#[test]
+fn a_tap_descriptor_from_a_management_layer_serves_the_card() {
+    let s = Setup::new("fd");
+    let tap = ipc::tap::open_tap(&s.tap, 1).expect("open the test's tap");
+    let mut cmd = Command::new(bin_in("release", "atoll"));
+    cmd.args(["run", "--kernel"])
+        .arg(&s.kernel)
+        .args(["--memory", "128M", "--net", "fd=7,mac=52:54:00:00:00:07"])
+        .env("ATOLL_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut child = ipc::spawn::spawn_with_fds(
+        &mut cmd,
+        &[ipc::spawn::Inherit {
+            fd: std::os::fd::AsFd::as_fd(&tap.fds[0]),
+            target: 7,
+        }],
+    )
+    .unwrap();
+    drop(tap);
+    let err = child.stderr.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(err).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let lines = lines_until(&rx, Duration::from_secs(60), |l| {
+        l.iter().any(|l| l.contains("virtio-net device plugged")) || reported_pids(l).len() >= 2
+    });
+    let all = lines.join("\n");
+    assert!(
+        all.contains(&format!("starting dev-net device=net0 tap={}", s.tap)),
+        "atoll did not start dev-net on the inherited tap:\n{all}"
+    );
+    assert!(all.contains("mac=52:54:00:00:00:07"), "{all}");
+    stop(child);
+}
