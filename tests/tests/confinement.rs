@@ -338,3 +338,29 @@ fn a_tap_descriptor_from_a_management_layer_serves_the_card() {
     assert!(all.contains("mac=52:54:00:00:00:07"), "{all}");
     stop(child);
 }
+
+/// `--strict` refuses to start on a host that lacks a confinement measure (exit 2, naming
+/// each missing one), and starts as usual on a host that has them all.
+#[test]
+fn strict_refuses_exactly_when_the_host_lacks_something() {
+    let s = Setup::new("strict");
+    let missing = ipc::sandbox::probe().warnings();
+    let (mut child, rx) = s.atoll_with(&[], &["--strict"]);
+    if missing.is_empty() {
+        let lines = lines_until(&rx, Duration::from_secs(60), |l| {
+            reported_pids(l).len() >= 3
+        });
+        assert_eq!(reported_pids(&lines).len(), 3, "{}", lines.join("\n"));
+        stop(child);
+        return;
+    }
+    let status = child.wait().unwrap();
+    let lines: Vec<String> = rx.iter().collect();
+    let all = lines.join("\n");
+    assert_eq!(status.code(), Some(2), "{all}");
+    assert!(all.contains("--strict: refusing to start: "), "{all}");
+    for m in &missing {
+        assert!(all.contains(m.as_str()), "{m:?} not named:\n{all}");
+    }
+    assert!(reported_pids(&lines).is_empty(), "nothing may start: {all}");
+}
