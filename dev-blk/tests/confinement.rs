@@ -76,6 +76,22 @@ fn spawn(d: &Disk, env: &[(&str, &str)]) -> ConfinedChild {
     .unwrap()
 }
 
+/// The child's exit status; kills it (and fails) if it runs longer than `limit`.
+#[cfg(feature = "confinement-selftest")]
+fn wait_at_most(child: &mut ConfinedChild, limit: Duration) -> std::process::ExitStatus {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("{} still runs after {limit:?}", child.name());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 fn status(path: &str) -> BTreeMap<String, String> {
     std::fs::read_to_string(path)
         .unwrap()
@@ -142,7 +158,7 @@ fn escape_attempts_die_of_sigsys() {
     for what in ["open", "socket", "exec", "ptrace"] {
         let d = disk(what);
         let mut child = spawn(&d, &[("ATOLL_SELFTEST", what)]);
-        let status = child.wait().unwrap();
+        let status = wait_at_most(&mut child, Duration::from_secs(20));
         assert_eq!(status.signal(), Some(libc::SIGSYS), "{what}: {status:?}");
     }
 }

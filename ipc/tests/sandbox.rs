@@ -351,8 +351,11 @@ fn full_lockdown_as_seen_from_outside() {
 #[test]
 fn escape_attempts_outside_the_allow_list_die_of_sigsys() {
     for what in ["open", "socket", "exec", "ptrace"] {
-        let mut p = start_probe(Confinement::Full, &[("ATOLL_SELFTEST", what)], &[]);
-        let status = p.child.wait().unwrap();
+        let Probe { mut child, ctl } =
+            start_probe(Confinement::Full, &[("ATOLL_SELFTEST", what)], &[]);
+        // A probe that somehow got past the attempt sees end of file and exits: no hang.
+        drop(ctl);
+        let status = child.wait().unwrap();
         assert_eq!(status.signal(), Some(libc::SIGSYS), "{what}: {status:?}");
     }
 }
@@ -382,6 +385,7 @@ fn layered_attempts(configure: impl Fn(&mut ConfinedCommand), expected: &[(&str,
             ])
             .unwrap();
         drop(err_w);
+        drop(ours);
         let status = child.wait().unwrap();
         let mut stderr = String::new();
         std::fs::File::from(err_r)
@@ -398,7 +402,6 @@ fn layered_attempts(configure: impl Fn(&mut ConfinedCommand), expected: &[(&str,
             Some(ipc::sandbox::selftest::EXIT_BLOCKED),
             "{what}"
         );
-        drop(ours);
     }
 }
 
@@ -417,8 +420,10 @@ fn allowed_escape_attempts_fail_at_the_next_layer() {
 #[test]
 fn seccomp_log_mode_logs_and_lets_the_next_layer_refuse() {
     // Unlisted calls are only logged: the same outcomes as when they are allowed.
-    let mut p = start_probe(Confinement::SeccompLog, &[("ATOLL_SELFTEST", "open")], &[]);
-    let status = p.child.wait().unwrap();
+    let Probe { mut child, ctl } =
+        start_probe(Confinement::SeccompLog, &[("ATOLL_SELFTEST", "open")], &[]);
+    drop(ctl);
+    let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(ipc::sandbox::selftest::EXIT_BLOCKED));
     let mut p = start_probe(Confinement::SeccompLog, &[], &[]);
     let r = p.child.read_report(Duration::from_secs(10));
@@ -561,6 +566,14 @@ fn child_dies_with_its_launcher_even_with_a_dedicated_uid() {
         );
         std::thread::sleep(Duration::from_millis(10));
     };
+    // Until it has exec'd, the child may not have switched to its uid yet.
+    while std::fs::read_to_string(format!("/proc/{child}/comm")).unwrap_or_default() != "sleep\n" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the child did not exec"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let uid = proc_status(child)["Uid"].clone();
     if nix::unistd::geteuid().is_root() {
         assert!(!uid.starts_with("0\t"), "{uid}");

@@ -47,6 +47,21 @@ fn spawn(env: &[(&str, &str)]) -> (OwnedFd, ConfinedChild) {
     (ours, child)
 }
 
+/// The child's exit status; kills it (and fails) if it runs longer than `limit`.
+fn wait_at_most(child: &mut ConfinedChild, limit: Duration) -> std::process::ExitStatus {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("{} still runs after {limit:?}", child.name());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 fn status(path: &str) -> BTreeMap<String, String> {
     std::fs::read_to_string(path)
         .unwrap()
@@ -97,7 +112,7 @@ fn confined_core_is_locked_down_before_start() {
     // Closing the control socket ends it the ordinary way (no Start: an internal error),
     // not by a seccomp kill.
     drop(control);
-    let st = child.wait().unwrap();
+    let st = wait_at_most(&mut child, Duration::from_secs(20));
     assert_eq!(st.code(), Some(1), "{st:?}");
 }
 
@@ -107,7 +122,7 @@ fn escape_attempts_die_of_sigsys() {
     use std::os::unix::process::ExitStatusExt;
     for what in ["open", "socket", "exec", "ptrace"] {
         let (_control, mut child) = spawn(&[("ATOLL_SELFTEST", what)]);
-        let status = child.wait().unwrap();
+        let status = wait_at_most(&mut child, Duration::from_secs(20));
         assert_eq!(status.signal(), Some(libc::SIGSYS), "{what}: {status:?}");
     }
 }
