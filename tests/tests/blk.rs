@@ -37,7 +37,6 @@ const QEMU_TIMEOUT: Duration = Duration::from_secs(180);
 const A_SIZE: usize = 8 << 20;
 const B_SIZE: usize = 4 << 20;
 
-
 fn sectors(bytes: usize) -> String {
     (bytes / 512).to_string()
 }

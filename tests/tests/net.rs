@@ -20,7 +20,6 @@ const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
 const GUEST_WAIT_SECS: u64 = 200;
 const MAC0: &str = "52:54:00:12:34:56";
 
-
 fn cards() -> Vec<Card> {
     vec![
         Card {

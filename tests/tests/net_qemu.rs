@@ -33,7 +33,6 @@ const MAC: &str = "52:54:00:ab:cd:ef";
 /// Names of this test's network namespaces: the prefix, then the test process's pid.
 const NETNS_PREFIX: &str = "atoll-netqemu-";
 
-
 /// Output of a finished command, for messages.
 fn output_text(out: &std::process::Output) -> String {
     format!(
@@ -277,11 +276,7 @@ fn run_qemu() -> Result<QemuRun> {
     let testbed = Testbed::setup()?;
     let work = testbed.work_dir("net-qemu")?;
     let initramfs = work.join("net.cpio");
-    testbed.write_l2_initramfs(
-        &initramfs,
-        GUEST_MODULES,
-        &net::guest_init(),
-    )?;
+    testbed.write_l2_initramfs(&initramfs, GUEST_MODULES, &net::guest_init())?;
 
     // Private namespace: the subnet cannot clash with the machine's, but stays in 10.213.x.
     let subnet = format!("10.213.{}", 20 + pid % 200);
