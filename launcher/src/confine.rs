@@ -35,8 +35,8 @@ pub enum ConfineError {
 /// Which kind of process a child is, for its limits.
 #[derive(Clone, Copy, Debug)]
 pub enum Kind {
-    /// `vmm-core` with this much guest RAM and this many vCPUs.
-    Core { memory_bytes: u64, cpus: u32 },
+    /// `vmm-core` with this many vCPUs.
+    Core { cpus: u32 },
     /// `dev-blk` serving an image of this size with this many queues.
     Blk { image_bytes: u64, queues: u16 },
     /// `dev-net` with this many queue pairs.
@@ -77,12 +77,12 @@ impl Kind {
         }
     }
 
-    fn cgroup_limits(self) -> CgroupLimits {
+    /// `guest_ram`: the VM's RAM. Its memfd pages are charged to whichever process touches
+    /// them first, and a device writing into a buffer the guest never touched is that
+    /// process, so every process's limit leaves room for all of guest RAM.
+    fn cgroup_limits(self, guest_ram: u64) -> CgroupLimits {
         let rl = self.rlimits();
-        let memory = match self {
-            Self::Core { memory_bytes, .. } => memory_bytes.saturating_add(PROCESS_MEMORY),
-            Self::Blk { .. } | Self::Net { .. } => PROCESS_MEMORY,
-        };
+        let memory = guest_ram.saturating_add(PROCESS_MEMORY);
         CgroupLimits {
             memory_max: Some(memory),
             pids_max: Some(rl.nproc),
@@ -97,15 +97,17 @@ pub struct Confiner {
     ids: IdAllocator,
     cgroup: Result<CgroupTree, String>,
     debug: HashMap<String, Confinement>,
+    guest_ram: u64,
 }
 
 impl Confiner {
-    /// Probes the host, prints a warning per missing measure (or, with `strict`, refuses),
+    /// `guest_ram` sizes the processes' memory limits. Probes the host, prints a warning per missing measure (or, with `strict`, refuses),
     /// and checks every `--debug-device` value against the process names `known`.
     pub fn new(
         strict: bool,
         debug_specs: &[String],
         known: &[String],
+        guest_ram: u64,
     ) -> Result<Self, ConfineError> {
         let mut debug = HashMap::new();
         for spec in debug_specs {
@@ -133,6 +135,7 @@ impl Confiner {
             ids: IdAllocator::for_this_launcher(),
             cgroup,
             debug,
+            guest_ram,
         })
     }
 
@@ -164,7 +167,7 @@ impl Confiner {
         }
         cmd.rlimits(kind.rlimits());
         match &self.cgroup {
-            Ok(tree) => match tree.leaf(name, kind.cgroup_limits()) {
+            Ok(tree) => match tree.leaf(name, kind.cgroup_limits(self.guest_ram)) {
                 Ok(leaf) => {
                     cmd.cgroup(leaf);
                 }
@@ -186,13 +189,10 @@ mod tests {
 
     #[test]
     fn limits_follow_the_process() {
-        let core = Kind::Core {
-            memory_bytes: 1 << 30,
-            cpus: 4,
-        };
+        let core = Kind::Core { cpus: 4 };
         assert_eq!(core.rlimits().nproc, 72);
         assert_eq!(
-            core.cgroup_limits().memory_max,
+            core.cgroup_limits(1 << 30).memory_max,
             Some((1 << 30) + PROCESS_MEMORY)
         );
         let blk = Kind::Blk {
@@ -209,7 +209,7 @@ mod tests {
         let known = vec!["vmm-core".to_owned(), "disk0".to_owned()];
         let err = |specs: &[&str]| {
             let specs: Vec<String> = specs.iter().map(|s| (*s).to_owned()).collect();
-            Confiner::new(false, &specs, &known)
+            Confiner::new(false, &specs, &known, 1 << 30)
                 .err()
                 .map(|e| e.to_string())
         };

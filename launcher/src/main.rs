@@ -64,7 +64,12 @@ fn run(args: &cli::RunArgs) -> i32 {
         config::Disk::Socket(_) => None,
     }));
     names.extend(config.nets.iter().map(|n| n.id.clone()));
-    let confiner = match confine::Confiner::new(args.strict, &args.debug_device, &names) {
+    let confiner = match confine::Confiner::new(
+        args.strict,
+        &args.debug_device,
+        &names,
+        config.memory_bytes,
+    ) {
         Ok(confiner) => confiner,
         Err(e) => {
             eprintln!("{LABEL}: error: {e}");

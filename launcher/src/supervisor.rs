@@ -704,6 +704,7 @@ mod tests {
             false,
             &["disk0=unconfined".to_owned()],
             &["disk0".to_owned()],
+            64 << 20,
         )
         .unwrap();
         let mut sup = Supervisor::new(confiner);

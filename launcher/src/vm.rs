@@ -193,14 +193,8 @@ pub fn run(config: RunConfig, confiner: Confiner) -> Result<Outcome, VmError> {
         });
         net_streams.push(supervisor.start_nic(nic, &dev_net_bin)?);
     }
-    let core_pid = supervisor.start_core(
-        &core_bin,
-        control_core,
-        Kind::Core {
-            memory_bytes: config.memory_bytes,
-            cpus: config.cpus,
-        },
-    )?;
+    let core_pid =
+        supervisor.start_core(&core_bin, control_core, Kind::Core { cpus: config.cpus })?;
 
     let vm_config = VmConfig {
         cpus: config.cpus,
