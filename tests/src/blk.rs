@@ -142,12 +142,32 @@ impl TestImage {
         }
         original.truncate(size);
         std::fs::write(path, &original).map_err(io("writing", path))?;
+        let pristine = Self::pristine_path(path);
+        std::fs::write(&pristine, &original).map_err(io("writing", &pristine))?;
         let md5 = md5sum(path)?;
         Ok(Self {
             path: path.to_path_buf(),
             original,
             md5,
         })
+    }
+
+    /// Where a copy of the original contents is kept (`<image>.orig`).
+    fn pristine_path(path: &Path) -> PathBuf {
+        let mut p = path.as_os_str().to_owned();
+        p.push(".orig");
+        PathBuf::from(p)
+    }
+
+    /// A shell line that puts the original contents back. An L1 session that is retried
+    /// (TCG's rare freeze or panic) runs its script again; without this the second attempt
+    /// would see what the first attempt's guest wrote.
+    pub fn restore_line(&self) -> String {
+        format!(
+            "cp -f {} {}\n",
+            shell_quote(&Self::pristine_path(&self.path).to_string_lossy()),
+            shell_quote(&self.path.to_string_lossy())
+        )
     }
 
     /// The image's contents now.
@@ -316,12 +336,21 @@ pub fn qsd_status(out: &Path, boot: &str) -> PathBuf {
     out.join(format!("{boot}.qsd.status"))
 }
 
-/// A POSIX shell script that runs `boots` one after another like
-/// [`crate::l2::boots_script`] (`<out>/<name>.log` and `<out>/<name>.rc`), starting each
+/// A POSIX shell script that first restores `images` to their original contents, then runs
+/// `boots` one after another like [`crate::l2::boots_script`] (`<out>/<name>.log` and `<out>/<name>.rc`), starting each
 /// boot's qemu-storage-daemon export first and stopping it afterwards ([`qsd_log`],
 /// [`qsd_status`]).
-pub fn boots_script(boots: &[AtollDiskBoot], kernel: &Kernel, atoll: &Path, out: &Path) -> String {
+pub fn boots_script(
+    boots: &[AtollDiskBoot],
+    images: &[&TestImage],
+    kernel: &Kernel,
+    atoll: &Path,
+    out: &Path,
+) -> String {
     let mut script = l2::script_start(out);
+    for image in images {
+        script.push_str(&image.restore_line());
+    }
     script.push_str(QSD_FUNCTIONS);
     for disk_boot in boots {
         let run = l2::run_command_line(&disk_boot.boot, &disk_boot.command(kernel, atoll));
@@ -452,12 +481,32 @@ mod tests {
                 socket: "/tmp/q.sock".into(),
             }),
         };
+        let dir = std::env::temp_dir().join(format!("atoll-blk-unit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let image = TestImage::create(&dir.join("a.img"), 4096).unwrap();
         let script = boots_script(
             &[plain, external],
+            &[&image],
             &kernel(),
             Path::new("/t/atoll"),
             Path::new("/w/out"),
         );
+        // A retried L1 session starts again from the original image.
+        let restore = format!(
+            "cp -f {}.orig {}\n",
+            image.path.display(),
+            image.path.display()
+        );
+        assert!(script.contains(&restore), "{script}");
+        assert!(
+            script.find(&restore) < script.find("run_boot plain"),
+            "{script}"
+        );
+        assert_eq!(
+            std::fs::read(dir.join("a.img.orig")).unwrap(),
+            image.original
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
         assert!(
             script.contains("\nrun_boot plain 200 /t/atoll run "),
             "{script}"

@@ -388,7 +388,7 @@ fn run_l1() -> Result<L1Session> {
         },
     ];
     let out = work.join("l2");
-    let script = blk::boots_script(&boots, &testbed.kernel, &atoll, &out);
+    let script = blk::boots_script(&boots, &[&a, &b, &q, &m], &testbed.kernel, &atoll, &out);
     let timeout = boots
         .iter()
         .map(|b| b.boot.timeout + Duration::from_secs(45))
