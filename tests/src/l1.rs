@@ -131,10 +131,22 @@ pub fn run(
         let outcome = if interactive {
             qemu.status().map(|status| (status, String::new()))
         } else {
-            qemu.output().map(|out| {
+            let watchdog = StallWatchdog::start(
+                &work_str,
+                vec![console.clone(), work.join(SCRIPT_LOG)],
+                STALL_LIMIT,
+            );
+            let outcome = qemu.output().map(|out| {
                 let stderr = String::from_utf8_lossy(&out.stderr).trim().to_owned();
                 (out.status, stderr)
-            })
+            });
+            if watchdog.stop() {
+                eprintln!(
+                    "testbed: L1 attempt {attempt} wrote nothing for {} s and was stopped (TCG froze)",
+                    STALL_LIMIT.as_secs()
+                );
+            }
+            outcome
         };
         let log = std::fs::read(&console).unwrap_or_default();
         let log = String::from_utf8_lossy(&log);
@@ -187,6 +199,61 @@ pub fn run(
         );
     }
     Err(L1Error::Flaky { reason, console })
+}
+
+/// How long a batch L1 may go without writing to its console or its script log before it is
+/// taken for frozen (TCG's rare hang, TESTBED.md) and stopped, which earns the retry at once
+/// instead of at the end of the session's whole time limit. Every L2 boot in L1 prints a line
+/// when it starts and when it ends, and none may last longer than 7 minutes (the longest
+/// per-boot limit the tests use), so 8 minutes of silence is a freeze.
+pub const STALL_LIMIT: Duration = Duration::from_secs(8 * 60);
+
+/// Watches an L1's output files; stops the L1 (its QEMU, found by the unique work directory
+/// on its command line) when they stop growing for [`STALL_LIMIT`].
+struct StallWatchdog {
+    done: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<bool>,
+}
+
+impl StallWatchdog {
+    fn start(work: &str, files: Vec<PathBuf>, limit: Duration) -> Self {
+        use std::sync::atomic::Ordering;
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = std::sync::Arc::clone(&done);
+        let marker = format!("testbed.work={work} ");
+        let thread = std::thread::spawn(move || {
+            let size = || -> u64 {
+                files
+                    .iter()
+                    .filter_map(|f| std::fs::metadata(f).ok())
+                    .map(|m| m.len())
+                    .sum()
+            };
+            let mut last = size();
+            let mut since = std::time::Instant::now();
+            while !flag.load(Ordering::Acquire) {
+                std::thread::sleep(Duration::from_millis(500));
+                let now = size();
+                if now != last {
+                    last = now;
+                    since = std::time::Instant::now();
+                } else if since.elapsed() > limit {
+                    let _ = std::process::Command::new("pkill")
+                        .args(["-TERM", "-f", &marker])
+                        .status();
+                    return true;
+                }
+            }
+            false
+        });
+        Self { done, thread }
+    }
+
+    /// Ends the watch; whether it had to stop the L1.
+    fn stop(self) -> bool {
+        self.done.store(true, std::sync::atomic::Ordering::Release);
+        self.thread.join().unwrap_or(false)
+    }
 }
 
 /// Takes the machine-wide L1 lock (`$TMPDIR/atoll-testbed-l1.lock`), waiting at most `wait`:
@@ -328,6 +395,31 @@ pub fn run_direct(work: &Path, script: &str, timeout: Duration) -> Result<Script
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_silent_l1_is_stopped_and_a_talking_one_is_not() {
+        let dir = std::env::temp_dir().join(format!("atoll-l1-watchdog-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let work = dir.to_string_lossy().into_owned();
+        let log = dir.join("out.log");
+        // A stand-in L1 whose command line carries the marker; it writes nothing.
+        let mut silent = std::process::Command::new("sh")
+            .args(["-c", &format!("sleep 60 # testbed.work={work} x")])
+            .spawn()
+            .unwrap();
+        let dog = StallWatchdog::start(&work, vec![log.clone()], Duration::from_secs(2));
+        let status = silent.wait().unwrap();
+        assert!(dog.stop(), "the watchdog did not act");
+        assert!(!status.success(), "{status}");
+        // One that keeps writing is left alone.
+        let dog = StallWatchdog::start(&work, vec![log.clone()], Duration::from_secs(2));
+        for i in 0..8 {
+            std::fs::write(&log, "x".repeat(i + 1)).unwrap();
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        assert!(!dog.stop());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
     use super::*;
 
     #[test]
