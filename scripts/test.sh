@@ -15,4 +15,4 @@ step build-selftest 3600 cargo build --release --target-dir target/selftest \
     vmm-core/confinement-selftest,dev-blk/confinement-selftest,dev-net/confinement-selftest
 step format 300 cargo fmt --all --check
 step lint 3600 cargo clippy --workspace --all-targets -- -D warnings
-step test 5400 cargo test --release --workspace
+step test 5400 cargo test --release --workspace --no-fail-fast
