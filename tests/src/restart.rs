@@ -89,28 +89,21 @@ pub fn l1_script(boot: &L2Boot, kills: u32, kernel: &Kernel, atoll: &Path, out: 
         "dd if=/dev/zero of={img} bs=1k count={} 2>/dev/null",
         CHUNK_KIB * (SLOTS + 1)
     );
-    let mut command = boot.command(kernel, atoll);
-    command.push("--disk".to_owned());
-    command.push("path=IMAGE".to_owned());
-    let run = l2::run_command_line(boot, &command).replace("path=IMAGE", &format!("path={img}"));
-    let name = shell_quote(&boot.name);
+    let disk = format!("path={img}");
+    script.push_str(&start_boot_and_wait_for_loop(
+        boot,
+        &["--disk", &disk],
+        kernel,
+        atoll,
+    ));
     let _ = write!(
         script,
-        r#"{run_bg} &
-boot=$!
-i=0
-while [ $i -lt {secs} ] && ! grep -q LOOP_START "$tmp/"{name}.log 2>/dev/null; do
-    sleep 0.2
-    i=$((i + 1))
-done
-: >"$out/kills"
+        r#": >"$out/kills"
 {kill_loop}sleep 2
 printf STOP | dd of={img} bs=1k seek={control} conv=notrunc 2>/dev/null
 wait $boot
 "#,
         control = CHUNK_KIB * SLOTS,
-        run_bg = run.trim_end(),
-        secs = boot.timeout.as_secs() * 5,
         kill_loop = kill_loop("dev-blk", kills),
     );
     script.push_str(l2::SCRIPT_END);
@@ -158,21 +151,16 @@ pub fn fail_l1_script(
     let mut script = l2::script_start(out);
     let img = "$tmp/fail.img";
     let _ = writeln!(script, "dd if=/dev/zero of={img} bs=1M count=4 2>/dev/null");
-    let mut command = boot.command(kernel, atoll);
-    command.push("--disk".to_owned());
-    command.push("path=IMAGE".to_owned());
-    let run = l2::run_command_line(boot, &command).replace("path=IMAGE", &format!("path={img}"));
-    let name = shell_quote(&boot.name);
+    let disk = format!("path={img}");
+    script.push_str(&start_boot_and_wait_for_loop(
+        boot,
+        &["--disk", &disk],
+        kernel,
+        atoll,
+    ));
     let _ = write!(
         script,
-        r#"{run_bg} &
-boot=$!
-i=0
-while [ $i -lt {secs} ] && ! grep -q LOOP_START "$tmp/"{name}.log 2>/dev/null; do
-    sleep 0.2
-    i=$((i + 1))
-done
-k=0
+        r#"k=0
 while [ $k -lt {max_kills} ] && kill -0 $boot 2>/dev/null; do
     j=0
     pid=
@@ -188,9 +176,7 @@ while [ $k -lt {max_kills} ] && kill -0 $boot 2>/dev/null; do
 done
 echo "$k" >"$out/kills"
 wait $boot
-"#,
-        run_bg = run.trim_end(),
-        secs = boot.timeout.as_secs() * 5,
+"#
     );
     script.push_str(l2::SCRIPT_END);
     script
@@ -272,21 +258,15 @@ md5sum "$www/big.bin" >"$www/big.md5"
 busybox httpd -p 8080 -h "$www"
 "#,
     );
-    let mut command = boot.command(kernel, atoll);
-    command.push("--net".to_owned());
-    command.push("tap=tap0".to_owned());
-    let run = l2::run_command_line(boot, &command);
-    let name = shell_quote(&boot.name);
+    script.push_str(&start_boot_and_wait_for_loop(
+        boot,
+        &["--net", "tap=tap0"],
+        kernel,
+        atoll,
+    ));
     let _ = write!(
         script,
-        r#"{run_bg} &
-boot=$!
-i=0
-while [ $i -lt {secs} ] && ! grep -q LOOP_START "$tmp/"{name}.log 2>/dev/null; do
-    sleep 0.2
-    i=$((i + 1))
-done
-busybox ping -A -q -w 600 10.0.0.2 >"$out/flood.log" 2>&1 &
+        r#"busybox ping -A -q -w 600 10.0.0.2 >"$out/flood.log" 2>&1 &
 flood=$!
 : >"$out/kills"
 {kill_loop}sleep 2
@@ -298,12 +278,42 @@ touch "$www/stop"
 wait $boot
 ip link del tap0 2>/dev/null
 "#,
-        run_bg = run.trim_end(),
-        secs = boot.timeout.as_secs() * 5,
         kill_loop = kill_loop("dev-net", kills),
     );
     script.push_str(l2::SCRIPT_END);
     script
+}
+
+/// Shell lines that start `boot` under atoll in the background (`$boot` is its pid) with
+/// `args` appended (`--disk path=$tmp/...` stays unquoted so the shell expands `$tmp`), then
+/// wait until the guest prints `LOOP_START` (at most the boot's time limit).
+fn start_boot_and_wait_for_loop(
+    boot: &L2Boot,
+    args: &[&str],
+    kernel: &Kernel,
+    atoll: &Path,
+) -> String {
+    let mut command = boot.command(kernel, atoll);
+    let mut expand = Vec::new();
+    for (i, arg) in args.iter().enumerate() {
+        if arg.contains('$') {
+            let placeholder = format!("ATOLL_TESTS_ARG_{i}");
+            expand.push((placeholder.clone(), (*arg).to_owned()));
+            command.push(placeholder);
+        } else {
+            command.push((*arg).to_owned());
+        }
+    }
+    let mut run = l2::run_command_line(boot, &command);
+    for (placeholder, arg) in expand {
+        run = run.replace(&placeholder, &arg);
+    }
+    format!(
+        "{} &\nboot=$!\ni=0\nwhile [ $i -lt {secs} ] && ! grep -q LOOP_START \"$tmp/\"{name}.log 2>/dev/null; do\n    sleep 0.2\n    i=$((i + 1))\ndone\n",
+        run.trim_end(),
+        secs = boot.timeout.as_secs() * 5,
+        name = shell_quote(&boot.name),
+    )
 }
 
 /// Shell lines that `kills` times wait a random 0.3 to 1.5 s, SIGKILL the running `process`
